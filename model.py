@@ -1,0 +1,432 @@
+"""
+A GPT whose attention uses StableMask (Yin et al., ICML 2024), in one file.
+
+StableMask replaces the causal mask with one that adds pseudo-attention mass to every softmax row
+(paper Eq. 11). The method and every formula used here are in STABLEMASK.md's source note; the
+pieces, top to bottom:
+1) the attention itself: the closed-form pseudo mass, the readable reference (Eq. 11 as written),
+   and the fast path through PyTorch's fused attention,
+2) the LLaMA-style model of the paper: RMSNorm, SwiGLU, no biases, RoPE / ALiBi / learned / none,
+3) generation with a KV cache under the paper's SM-I inference, and checkpoint loading.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+if not torch.cuda.is_available():
+    # attn_impl='triton' without a GPU runs in Triton's interpreter, which must be chosen before
+    # triton is first imported, and some of torch imports it (the meta device, for one)
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+
+# -----------------------------------------------------------------------------
+# StableMask attention
+
+
+def alibi_slopes(n_head):
+    """ALiBi's per-head slopes, shape (n_head,): 2^(-8/n), 2^(-16/n), ... for n a power of two;
+    otherwise those of the power of two below n, then every other slope of the one above."""
+    def geometric(n):
+        return [2 ** (-8 * (h + 1) / n) for h in range(n)]
+    p = 2 ** math.floor(math.log2(n_head))
+    return torch.tensor(geometric(p) + geometric(2 * p)[0::2][: n_head - p])
+
+
+def log_pseudo_mass(gamma, rows, pseudo_len):
+    """log S_i, the log of the pseudo-attention mass sum_{j=i+1}^{pseudo_len-1} exp(-j*gamma) of each
+    query row i, in closed form (STABLEMASK.md section 2). gamma (H,) >= 0, rows (Tq,) integer.
+    Returns (H, Tq), float32 (float64 if gamma is); -inf where a row has no pseudo columns."""
+    g = gamma.to(torch.promote_types(gamma.dtype, torch.float32))[:, None]
+    i = rows.to(g.dtype)[None, :]
+    count = (pseudo_len - 1 - i).clamp(min=0)  # pseudo columns j with i < j < pseudo_len
+    decaying = -(i + 1) * g + torch.log(-torch.expm1(-count * g)) - torch.log(-torch.expm1(-g))
+    return torch.where(g > 0, decaying, torch.log(count))  # g = 0: every pseudo score is 0
+
+
+def stablemask_reference(q, k, v, gamma, alibi=None, pseudo_len=None):
+    """StableMask attention written as the paper's Eq. 11, to be read, not to be fast.
+    q (B, H, Tq, D) are the last Tq of the T positions of k, v (B, H, T, D) (Tq = T in training,
+    Tq < T when decoding with a KV cache). gamma (H,) is the pseudo-score decay, or None for plain
+    causal attention; alibi (H,) ALiBi slopes or None; pseudo_len the length the pseudo mass extends
+    to (default T; the training block size under SM-I). Returns (B, H, Tq, D) in q's dtype."""
+    Tq, T = q.size(-2), k.size(-2)
+    N = T if pseudo_len is None else pseudo_len
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    i = torch.arange(T - Tq, T, device=q.device)[:, None]  # query positions (rows)
+    j = torch.arange(max(T, N), device=q.device)[None, :]  # key positions, padded to N (columns)
+    A = q.to(dtype) @ k.to(dtype).transpose(-2, -1) / math.sqrt(q.size(-1))
+    A = F.pad(A, (0, j.size(1) - T))  # padding columns are never attended
+    if alibi is not None:
+        A = A - alibi.to(dtype).view(-1, 1, 1) * (i - j)  # ALiBi: only j <= i survives the mask
+    C = (j <= i).to(dtype)  # Eq. 8: the causal mask
+    if gamma is None:
+        P = torch.where(j > i, -math.inf, 0.0)  # the plain causal baseline: no pseudo mass
+    else:
+        P = torch.where(j > i, -j * gamma.to(dtype).view(-1, 1, 1), 0.0)  # Eq. 10: P[i,j] = -j*gamma
+        P = P.masked_fill((j > i) & (j >= N), -math.inf)  # no pseudo column at or beyond N
+    W = torch.softmax(A * C + P, dim=-1) * C  # Eq. 11: softmax over all columns, THEN zero the future
+    return (W[..., :T] @ v.to(dtype)).to(q.dtype)
+
+
+def alibi_bias(alibi, Tq, T, dtype):
+    """Additive ALiBi bias with the causal mask folded in, (1, H, Tq, T), for fused attention ops.
+    The queries are the last Tq of T positions. The rows are padded to a multiple of 16 elements
+    because the CUDA memory-efficient kernel needs aligned bias rows."""
+    i = torch.arange(T - Tq, T, device=alibi.device)[:, None]
+    j = torch.arange(T, device=alibi.device)[None, :]
+    bias = -alibi.view(-1, 1, 1).float() * (i - j)
+    bias = bias.masked_fill(j > i, -math.inf).to(dtype)
+    padded = torch.empty(1, bias.size(0), Tq, -(-T // 16) * 16, dtype=dtype, device=alibi.device)
+    padded[..., :T] = bias
+    return padded[..., :T]
+
+
+def _fused_forward(q, k, v, bias, causal):
+    """PyTorch's fused attention, returning the output, its log-sum-exp (natural log, float32, per
+    row; padded past Tq on some kernels) and what the matching backward needs."""
+    aten = torch.ops.aten
+    if q.device.type == 'cpu':
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias)
+        return out, lse, ('cpu',)
+    if bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.size(-1) % 8 == 0:
+        out, lse, cu_q, cu_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)
+        return out, lse, ('flash', cu_q, cu_k, max_q, max_k, seed, offset)
+    bias_b = None if bias is None else bias.expand(q.size(0), -1, -1, -1)
+    out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(q, k, v, bias_b, True, 0.0, causal)
+    return out, lse, ('efficient', bias_b, seed, offset)
+
+
+def _fused_backward(do, q, k, v, out, lse, bias, causal, saved):
+    aten = torch.ops.aten
+    if saved[0] == 'cpu':
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, out, lse, 0.0, causal, attn_mask=bias)
+    if saved[0] == 'flash':
+        _, cu_q, cu_k, max_q, max_k, seed, offset = saved
+        return aten._scaled_dot_product_flash_attention_backward(
+            do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, causal, seed, offset)
+    _, bias_b, seed, offset = saved
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        do, q, k, v, bias_b, out, lse, seed, offset, 0.0, [True, True, True, False], causal)
+    return dq, dk, dv
+
+
+class StableMaskSDPA(torch.autograd.Function):
+    """StableMask through PyTorch's own fused attention (STABLEMASK.md section 2). StableMask is causal
+    attention plus one virtual key per row of logit log S_i and value 0, so
+        L_i = logaddexp(lse_i, log S_i),   O_i = O_causal_i * exp(lse_i - L_i) = O_causal_i * sigmoid(lse_i - log S_i),
+    and the fused backward, handed this O and L in place of its own, computes StableMask's gradients."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_mass, bias):
+        causal = bias is None and q.size(-2) > 1  # a bias already holds the causal mask
+        out, lse, saved = _fused_forward(q, k, v, bias, causal)
+        Tq = q.size(-2)
+        lse_sm = lse.clone()
+        lse_sm[..., :Tq] = torch.logaddexp(lse[..., :Tq], log_mass)
+        out = out * torch.sigmoid(lse[..., :Tq] - log_mass).unsqueeze(-1).to(out.dtype)
+        ctx.save_for_backward(q, k, v, out, lse_sm, bias)
+        ctx.causal, ctx.saved = causal, saved
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse_sm, bias = ctx.saved_tensors
+        dq, dk, dv = _fused_backward(do.contiguous(), q, k, v, out, lse_sm, bias, ctx.causal, ctx.saved)
+        return dq, dk, dv, None, None
+
+
+def stablemask_sdpa(q, k, v, gamma, alibi=None, pseudo_len=None):
+    """StableMask attention on PyTorch's fused kernels, the same function as stablemask_reference.
+    Tq must be T (training, prefill) or 1 (a decode step); other shapes go to the reference."""
+    Tq, T = q.size(-2), k.size(-2)
+    if Tq not in (T, 1):
+        return stablemask_reference(q, k, v, gamma, alibi, pseudo_len)
+    bias = None if alibi is None else alibi_bias(alibi, Tq, T, q.dtype)
+    if gamma is None:  # the causal baseline needs no correction
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and Tq > 1)
+    rows = torch.arange(T - Tq, T, device=q.device)
+    log_mass = log_pseudo_mass(gamma, rows, T if pseudo_len is None else pseudo_len)
+    return StableMaskSDPA.apply(q, k, v, log_mass, bias)
+
+
+def attend(q, k, v, gamma, alibi, pseudo_len, impl):
+    """Dispatch to one of three implementations of the same function; see GPTConfig.attn_impl."""
+    if impl == 'auto':
+        impl = 'triton' if q.is_cuda else 'sdpa'
+    if impl == 'triton' and q.size(-2) == k.size(-2):  # the kernel does square attention; decode steps use sdpa
+        from stablemask_kernel import stablemask_attention  # imported on use: the other paths need no Triton
+        return stablemask_attention(q, k, v, gamma, alibi, pseudo_len)
+    if impl == 'reference':
+        return stablemask_reference(q, k, v, gamma, alibi, pseudo_len)
+    return stablemask_sdpa(q, k, v, gamma, alibi, pseudo_len)
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # the training length N; also SM-I's pseudo_len at inference
+    vocab_size: int = 50257  # GPT-2 BPE
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # on embeddings and residual branches (the paper uses 0)
+    bias: bool = False  # biases in Linear layers (LLaMA and the paper: none)
+    attn_mask: str = 'stablemask'  # 'stablemask' or 'causal' (the baseline)
+    sm_gamma: float = None  # pseudo-score decay: None = per-head ALiBi slopes (paper), a float = every head, 0.0 = ablation
+    pos_enc: str = 'rope'  # 'rope', 'alibi', 'learned', 'none'
+    attn_impl: str = 'auto'  # 'auto' (triton on CUDA, sdpa on CPU), 'reference', 'triton', 'sdpa'
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        choices = dict(attn_mask=('stablemask', 'causal'), pos_enc=('rope', 'alibi', 'learned', 'none'),
+                       attn_impl=('auto', 'reference', 'triton', 'sdpa'))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
+        if self.sm_gamma is not None and not self.sm_gamma >= 0:
+            raise ValueError(f"sm_gamma={self.sm_gamma}: the pseudo-score decay must be >= 0 (or None)")
+
+
+# The paper's model sizes (STABLEMASK.md section 4) and a tiny one for CPUs. The names are the paper's;
+# GPT(...).get_num_params() gives the count (untied GPT-2 embeddings included): 71.9M, 162M, 308M, 1.44B.
+PRESETS = {
+    'tiny': dict(n_layer=4, n_head=4, n_embd=128),
+    '71M': dict(n_layer=6, n_head=8, n_embd=512),
+    '160M': dict(n_layer=12, n_head=12, n_embd=768),
+    '400M': dict(n_layer=16, n_head=16, n_embd=1024),
+    '1.4B': dict(n_layer=24, n_head=16, n_embd=2048),
+}
+
+
+def swiglu_hidden(n_embd):
+    """LLaMA's SwiGLU width: 2/3 of 4 * n_embd, rounded up to a multiple of 256."""
+    return -(-(8 * n_embd // 3) // 256) * 256
+
+
+def rope_cos_sin(positions, head_dim, base):
+    """Rotary embedding tables for the given positions, each (T, head_dim // 2), float32."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the halves of x (B, H, T, D) by the position angles (GPT-NeoX's pairing)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, one preallocated buffer per layer."""
+
+    def __init__(self, n_layer, max_len):
+        self.max_len, self.pos = max_len, 0
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+
+    def update(self, layer, k, v):
+        """Store k, v (B, H, T, D) at the current position; return every key and value so far."""
+        if self.k[layer] is None:
+            shape = (*k.shape[:2], self.max_len, k.size(-1))
+            self.k[layer], self.v[layer] = k.new_empty(shape), v.new_empty(shape)
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.impl = config.attn_impl
+        # constants, not parameters: StableMask adds nothing to train
+        gamma = None
+        if config.attn_mask == 'stablemask':
+            gamma = alibi_slopes(config.n_head) if config.sm_gamma is None else torch.full((config.n_head,), float(config.sm_gamma))
+        alibi = alibi_slopes(config.n_head) if config.pos_enc == 'alibi' else None
+        self.register_buffer('gamma', gamma, persistent=False)
+        self.register_buffer('alibi', alibi, persistent=False)
+
+    def forward(self, x, rope=None, layer=0, kv_cache=None, pseudo_len=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+        y = attend(q, k, v, self.gamma, self.alibi, pseudo_len, self.impl)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer, 2020), as in LLaMA."""
+
+    def __init__(self, config):
+        super().__init__()
+        hidden = swiglu_hidden(config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.silu(self.c_gate(x)) * self.c_fc(x)))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = RMSNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = RMSNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, layer, kv_cache, pseudo_len):
+        x = x + self.attn(self.ln_1(x), rope, layer, kv_cache, pseudo_len)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=RMSNorm(config.n_embd),
+        ))
+        if config.pos_enc == 'learned':
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied, as in LLaMA
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+
+    def get_num_params(self):
+        """Every parameter, both embedding matrices included."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None, pseudo_len=None, kv_cache=None):
+        """idx (B, T) token ids. Returns (logits, loss): logits (B, T, V) and the mean cross-entropy
+        when targets (B, T) are given (-1 = ignore), else logits of the last position (B, 1, V).
+        pseudo_len: the length StableMask's pseudo mass extends to; None = T (training); generation
+        passes block_size (SM-I). kv_cache: a KVCache, for generation."""
+        B, T = idx.size()
+        start = 0 if kv_cache is None else kv_cache.pos
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.pos_enc == 'learned':
+            if start + T > self.config.block_size:
+                raise ValueError(f"position {start + T - 1} is past the learned positions (block_size {self.config.block_size})")
+            x = x + self.transformer.wpe(pos)
+        elif self.config.pos_enc == 'rope':
+            rope = rope_cos_sin(pos, self.config.n_embd // self.config.n_head, self.config.rope_base)
+        x = self.transformer.drop(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, rope, layer, kv_cache, pseudo_len)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # inference: only the last position is needed
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices only (not on norms or biases)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+                  dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token (forward and backward): 6 per weight used in a matmul (the input
+        embedding is a lookup), plus the attention matmuls, of which causal attention does half."""
+        cfg = self.config
+        n = self.get_num_params() - self.transformer.wte.weight.numel()
+        if cfg.pos_enc == 'learned':
+            n -= self.transformer.wpe.weight.numel()
+        return 6 * n + 6 * cfg.n_layer * cfg.n_embd * T
+
+    def estimate_mfu(self, tokens_per_sec, T, peak_flops):
+        """Model FLOPs utilisation: achieved FLOP/s over the hardware's peak."""
+        return self.flops_per_token(T) * tokens_per_sec / peak_flops
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+        """Yield max_new_tokens next tokens, each (B, 1), continuing idx (B, T). temperature 0 is greedy.
+        Every row uses pseudo_len = block_size (the paper's SM-I), so a cached step equals the same
+        row of a full forward pass. Past block_size, RoPE / ALiBi / no-position models keep the whole
+        context; a learned-position model crops it to the last block_size tokens, without the cache."""
+        N = self.config.block_size
+        window = N if self.config.pos_enc == 'learned' else None
+        cache = None
+        for _ in range(max_new_tokens):
+            if use_cache and cache is not None and (window is None or cache.pos < window):
+                logits, _ = self(idx[:, -1:], pseudo_len=N, kv_cache=cache)
+            else:
+                context = idx if window is None else idx[:, -window:]
+                cache = KVCache(self.config.n_layer, context.size(1) + max_new_tokens) if use_cache else None
+                logits, _ = self(context, pseudo_len=N, kv_cache=cache)
+            idx_next = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p)
+            idx = torch.cat((idx, idx_next), dim=1)
+            yield idx_next
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+        """idx (B, T) continued by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+        steps = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, use_cache))
+        return torch.cat([idx, *steps], dim=1)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """One token per row from logits (B, V): greedy at temperature 0, else from the softmax at that
+    temperature restricted to the top_k tokens and to the smallest set holding top_p of the mass."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        mass_before = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1) - torch.softmax(sorted_logits, dim=-1)
+        sorted_logits = sorted_logits.masked_fill(mass_before > top_p, -math.inf)  # the first token always stays
+        logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)

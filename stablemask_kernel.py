@@ -1,0 +1,354 @@
+"""
+StableMask attention as one fused Triton kernel, forward and backward.
+
+It is FlashAttention-2 (Dao, 2023; the layout of Triton's fused-attention tutorial) with one change:
+each query row's online softmax starts from the pseudo-attention mass S_i instead of from nothing,
+as if every row had one more key, of logit log S_i and value 0 (STABLEMASK.md section 2). The
+backward is FlashAttention-2's, run with that corrected log-sum-exp. Blocks above the diagonal are
+skipped and nothing of size T x T is ever built. model.stablemask_reference is the function this
+computes; test_kernel.py checks the two against each other.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here when CUDA is
+absent), which is how the tests run on a CPU.
+"""
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a kernel is defined, so set before that
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET and type(tl.zeros).__name__ == "JITFunction":
+    raise ImportError("triton was imported before TRITON_INTERPRET=1 was set, so its interpreter cannot run "
+                      "these kernels: set TRITON_INTERPRET=1 in the environment, or import this module first")
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # the kernels work in base 2: exp(x) = exp2(x * log2(e))
+
+
+@triton.jit
+def _log1mexp(x):
+    """log(1 - exp(-x)) for x >= 0; a series where 1 - exp(-x) would lose its digits to cancellation."""
+    series = x * (1 - x * (0.5 - x * (1 / 6 - x * (1 / 24 - x * (1 / 120 - x / 720)))))
+    return tl.log(tl.where(x < 0.1, series, 1 - tl.exp(-x)))
+
+
+@triton.jit
+def _log2_pseudo_mass(gamma, rows, pseudo_len):
+    """log2 S_i of query rows `rows` (STABLEMASK.md section 2), -inf where a row has no pseudo columns:
+    S_i = sum_{j=i+1}^{pseudo_len-1} exp(-j*gamma) = exp(-(i+1)gamma) (1 - exp(-count*gamma)) / (1 - exp(-gamma))."""
+    count = tl.maximum(pseudo_len - 1 - rows, 0).to(tl.float32)
+    some = tl.maximum(count, 1.0)  # rows without pseudo columns are set to -inf below; spare them log(0)
+    if gamma > 0:
+        log_mass = -(rows + 1).to(tl.float32) * gamma + _log1mexp(some * gamma) - _log1mexp(gamma)
+    else:  # gamma = 0: every pseudo score is 0, S_i = count
+        log_mass = tl.log(some)
+    return tl.where(count > 0, log_mass * LOG2E, float("-inf"))
+
+
+# -----------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, lo, hi, T, qk_scale, alibi,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr, DIAGONAL: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """The online softmax over key blocks [lo, hi); the causal mask only where DIAGONAL."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < T, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=cols[:, None] < T, other=0.0)
+        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # logits in log2 units
+        if HAS_ALIBI:
+            s += alibi * (cols[None, :] - rows[:, None])
+        if DIAGONAL:
+            s = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] < T), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, Out, LSE, Gamma, Alibi, sm_scale, T, H, pseudo_len,
+              stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+              stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_PSEUDO: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
+                mask=rows[:, None] < T, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    qk_scale = sm_scale * LOG2E
+    alibi = tl.load(Alibi + h) * LOG2E if HAS_ALIBI else 0.0
+
+    # >>> StableMask, the one change to FlashAttention-2 (paper Eq. 11; STABLEMASK.md section 2):
+    # the row's softmax starts with the pseudo mass already in it, as a virtual key of logit log S_i
+    # and value 0 (running max m = log S_i, running sum l = 1), instead of from (m, l) = (-inf, 0).
+    # Where S_i = 0 (the last row, or causal attention) m = -inf and the first key block wipes l.
+    if HAS_PSEUDO:
+        m_i = _log2_pseudo_mass(tl.load(Gamma + h), rows, pseudo_len)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    # <<< the rest is FlashAttention-2
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # key blocks wholly below the diagonal need no mask; the diagonal block does; above it, nothing
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, 0, start_m, T,
+                               qk_scale, alibi, HEAD_DIM, BLOCK_N, HAS_ALIBI, False, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, start_m,
+                               tl.minimum(start_m + BLOCK_M, T), T, qk_scale, alibi, HEAD_DIM, BLOCK_N,
+                               HAS_ALIBI, True, PRECISION)
+    tl.store(LSE + bh * T + rows, m_i + tl.log2(l_i), mask=rows < T)  # the corrected log-sum-exp, base 2
+    tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
+             (acc / l_i[:, None]).to(Out.type.element_ty), mask=rows[:, None] < T)
+
+
+# -----------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, Delta, T, H, stride_ob, stride_oh, stride_ot,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Delta_i = rowsum(dO_i * O_i), with O StableMask's output."""
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs = (bh // H).to(tl.int64) * stride_ob + (bh % H) * stride_oh + rows[:, None] * stride_ot + tl.arange(0, HEAD_DIM)[None, :]
+    o = tl.load(O + offs, mask=rows[:, None] < T, other=0.0).to(tl.float32)
+    do = tl.load(DO + offs, mask=rows[:, None] < T, other=0.0).to(tl.float32)
+    tl.store(Delta + bh * T + rows, tl.sum(o * do, 1), mask=rows < T)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ot, cols, lo, hi, T,
+                    qk_scale, alibi, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                    DIAGONAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        qT = tl.load(q_base + rows[None, :] * stride_qt + offs_d[:, None], mask=rows[None, :] < T, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_ot + offs_d[None, :], mask=rows[:, None] < T, other=0.0)
+        lse = tl.load(lse_base + rows, mask=rows < T, other=float("inf"))  # rows past T get P = 0
+        delta = tl.load(delta_base + rows, mask=rows < T, other=0.0)
+        sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale
+        if HAS_ALIBI:
+            sT += alibi * (cols[:, None] - rows[None, :])
+        if DIAGONAL:
+            sT = tl.where(cols[:, None] <= rows[None, :], sT, float("-inf"))
+        pT = tl.exp2(sT - lse[None, :])  # P with StableMask's log-sum-exp
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Alibi, sm_scale, T, H,
+                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                   stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
+    """dK and dV of one key block: walk the query blocks from the diagonal down."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kt + offs_d[None, :],
+                mask=cols[:, None] < T, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vt + offs_d[None, :],
+                mask=cols[:, None] < T, other=0.0)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_ob + h * stride_oh
+    qk_scale = sm_scale * LOG2E
+    alibi = tl.load(Alibi + h) * LOG2E if HAS_ALIBI else 0.0
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * T, Delta + bh * T, stride_qt, stride_ot,
+                             cols, start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale, alibi,
+                             HEAD_DIM, BLOCK_M, HAS_ALIBI, True, PRECISION)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * T, Delta + bh * T, stride_qt, stride_ot,
+                             cols, start_n + BLOCK_N, T, T, qk_scale, alibi,
+                             HEAD_DIM, BLOCK_M, HAS_ALIBI, False, PRECISION)
+    out = b * stride_ob + h * stride_oh + cols[:, None] * stride_ot + offs_d[None, :]
+    tl.store(DK + out, (dk * sm_scale).to(DK.type.element_ty), mask=cols[:, None] < T)
+    tl.store(DV + out, dv.to(DV.type.element_ty), mask=cols[:, None] < T)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, lo, hi, T, qk_scale, alibi,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                  DIAGONAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [lo, hi)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < T, other=0.0)
+        vT = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None], mask=cols[None, :] < T, other=0.0)
+        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        if HAS_ALIBI:
+            s += alibi * (cols[None, :] - rows[:, None])
+        if DIAGONAL:
+            s = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] < T), s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Alibi, sm_scale, T, H,
+                 stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                 stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ of one query block: walk the key blocks up to the diagonal."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
+                mask=rows[:, None] < T, other=0.0)
+    do = tl.load(DO + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
+                 mask=rows[:, None] < T, other=0.0)
+    lse = tl.load(LSE + bh * T + rows, mask=rows < T, other=float("inf"))
+    delta = tl.load(Delta + bh * T + rows, mask=rows < T, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    qk_scale = sm_scale * LOG2E
+    alibi = tl.load(Alibi + h) * LOG2E if HAS_ALIBI else 0.0
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, 0, start_m, T,
+                       qk_scale, alibi, HEAD_DIM, BLOCK_N, HAS_ALIBI, False, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, start_m,
+                       tl.minimum(start_m + BLOCK_M, T), T, qk_scale, alibi, HEAD_DIM, BLOCK_N,
+                       HAS_ALIBI, True, PRECISION)
+    tl.store(DQ + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
+             (dq * sm_scale).to(DQ.type.element_ty), mask=rows[:, None] < T)
+
+
+# -----------------------------------------------------------------------------
+# launch: fixed small blocks in the interpreter (several blocks even at small T, so the tests reach
+# every code path); autotuned on a GPU, cached per (T, head dim).
+
+
+def _configs(pairs):
+    return [triton.Config({'BLOCK_M': m, 'BLOCK_N': n}, num_warps=w, num_stages=s)
+            for m, n in pairs for w in (4, 8) for s in (2, 3, 4)]
+
+
+# forward and dQ want BLOCK_M a multiple of BLOCK_N; dK/dV the reverse (the diagonal is walked in the small step)
+_FWD_BLOCKS = [(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)]
+_DKDV_BLOCKS = [(32, 64), (32, 128), (64, 64), (64, 128), (16, 64)]
+_DQ_BLOCKS = [(64, 32), (128, 32), (128, 64), (64, 64), (64, 16)]
+_INTERPRETER_BLOCKS = dict(fwd=(32, 16), dkdv=(16, 32), dq=(32, 16))
+
+if INTERPRET:
+    _kernels = dict(fwd=_attn_fwd, dkdv=_attn_bwd_dkdv, dq=_attn_bwd_dq)
+else:
+    _key = ['T', 'HEAD_DIM', 'HAS_ALIBI']
+    _kernels = dict(fwd=triton.autotune(_configs(_FWD_BLOCKS), key=_key + ['HAS_PSEUDO'])(_attn_fwd),
+                    dkdv=triton.autotune(_configs(_DKDV_BLOCKS), key=_key)(_attn_bwd_dkdv),
+                    dq=triton.autotune(_configs(_DQ_BLOCKS), key=_key)(_attn_bwd_dq))
+
+
+def _launch(name, grid_blocks, BH, T, *args, **kwargs):
+    """Launch kernel `name` over (blocks of T, B*H); grid_blocks names the block size that tiles T."""
+    if INTERPRET:
+        m, n = _INTERPRETER_BLOCKS[name]
+        _kernels[name][(triton.cdiv(T, m if grid_blocks == 'BLOCK_M' else n), BH)](*args, BLOCK_M=m, BLOCK_N=n, **kwargs)
+    else:
+        _kernels[name][lambda meta: (triton.cdiv(T, meta[grid_blocks]), BH)](*args, **kwargs)
+
+
+def _strides(x):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+class _StableMaskAttention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, gamma, alibi, pseudo_len, sm_scale):
+        B, H, T, D = q.shape
+        # O, dO, dQ, dK and dV share one layout: (B, T, H, D) in memory, so that merging the heads is free
+        o = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
+        lse = torch.empty((B * H, T), device=q.device, dtype=torch.float32)
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"  # full fp32 products for fp32 inputs
+        dummy = lse  # stands in for an absent gamma or alibi; never read
+        _launch('fwd', 'BLOCK_M', B * H, T, q, k, v, o, lse,
+                dummy if gamma is None else gamma, dummy if alibi is None else alibi,
+                sm_scale, T, H, pseudo_len, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                HEAD_DIM=D, HAS_PSEUDO=gamma is not None, HAS_ALIBI=alibi is not None, PRECISION=precision)
+        ctx.save_for_backward(q, k, v, o, lse, alibi)
+        ctx.sm_scale, ctx.precision = sm_scale, precision
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, alibi = ctx.saved_tensors
+        B, H, T, D = q.shape
+        if do.stride() != o.stride():
+            do = torch.empty_like(o).copy_(do)
+        dq, dk, dv = torch.empty_like(o), torch.empty_like(o), torch.empty_like(o)
+        delta = torch.empty_like(lse)
+        block = 64 if not INTERPRET else 32
+        _bwd_preprocess[(triton.cdiv(T, block), B * H)](o, do, delta, T, H, *_strides(o), HEAD_DIM=D, BLOCK_M=block)
+        common = dict(HEAD_DIM=D, HAS_ALIBI=alibi is not None, PRECISION=ctx.precision)
+        args = (q, k, v, do)
+        tail = (lse, delta, lse if alibi is None else alibi, ctx.sm_scale, T, H,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(o))
+        _launch('dkdv', 'BLOCK_N', B * H, T, *args, dk, dv, *tail, **common)
+        _launch('dq', 'BLOCK_M', B * H, T, *args, dq, *tail, **common)
+        return dq, dk, dv, None, None, None, None
+
+
+def stablemask_attention(q, k, v, gamma=None, alibi=None, pseudo_len=None, sm_scale=None):
+    """StableMask attention, fused: the same function as model.stablemask_reference.
+    q, k, v: (B, H, T, D), one dtype of float32 / float16 / bfloat16, D <= 128 (other widths than
+    16, 32, 64, 128 are zero-padded up to the next one). gamma: (H,) pseudo-score decays >= 0, one
+    float for every head, or None for plain causal attention. alibi: (H,) ALiBi slopes or None.
+    pseudo_len: the length the pseudo mass extends to (default T; the training length under SM-I).
+    sm_scale: default 1/sqrt(D). Returns (B, H, T, D) in the (B, T, H, D) memory layout."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one shape (B, H, T, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"q, k, v must share one dtype of float32, float16, bfloat16; got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, H, T, D = q.shape
+    if D > 128:
+        raise ValueError(f"head dim {D} is above the kernel's 128")
+    if not q.is_cuda and not INTERPRET:
+        raise ValueError("tensors are on the CPU: run with TRITON_INTERPRET=1 set before triton is imported")
+    if isinstance(gamma, (int, float)):
+        gamma = torch.full((H,), float(gamma), device=q.device)
+    for name, t in (('gamma', gamma), ('alibi', alibi)):
+        if t is not None and t.shape != (H,):
+            raise ValueError(f"{name} must have shape ({H},), one value per head; got {tuple(t.shape)}")
+    gamma = None if gamma is None else gamma.to(device=q.device, dtype=torch.float32).contiguous()
+    alibi = None if alibi is None else alibi.to(device=q.device, dtype=torch.float32).contiguous()
+    pseudo_len = T if pseudo_len is None else int(pseudo_len)
+    sm_scale = 1 / math.sqrt(D) if sm_scale is None else sm_scale
+    width = max(16, triton.next_power_of_2(D))  # tl.dot wants power-of-two tiles of at least 16
+    if width != D:
+        q, k, v = (F.pad(t, (0, width - D)) for t in (q, k, v))  # zero columns change no dot product
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = _StableMaskAttention.apply(q, k, v, gamma, alibi, pseudo_len, sm_scale)
+    return out[..., :D]
