@@ -2,8 +2,7 @@
 A GPT whose attention uses StableMask (Yin et al., ICML 2024), in one file.
 
 StableMask replaces the causal mask with one that adds pseudo-attention mass to every softmax row
-(paper Eq. 11). The method and every formula used here are in STABLEMASK.md's source note; the
-pieces, top to bottom:
+(paper Eq. 11). README.md's "The method" gives every formula used here; the pieces, top to bottom:
 1) the attention itself: the closed-form pseudo mass, the readable reference (Eq. 11 as written),
    and the fast path through PyTorch's fused attention,
 2) the LLaMA-style model of the paper: RMSNorm, SwiGLU, no biases, RoPE / ALiBi / learned / none,
@@ -12,6 +11,8 @@ pieces, top to bottom:
 
 import math
 import os
+import pickle
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,7 @@ def alibi_slopes(n_head):
 
 def log_pseudo_mass(gamma, rows, pseudo_len):
     """log S_i, the log of the pseudo-attention mass sum_{j=i+1}^{pseudo_len-1} exp(-j*gamma) of each
-    query row i, in closed form (STABLEMASK.md section 2). gamma (H,) >= 0, rows (Tq,) integer.
+    query row i, in closed form (README, The method). gamma (H,) >= 0, rows (Tq,) integer.
     Returns (H, Tq), float32 (float64 if gamma is); -inf where a row has no pseudo columns."""
     g = gamma.to(torch.promote_types(gamma.dtype, torch.float32))[:, None]
     i = rows.to(g.dtype)[None, :]
@@ -115,7 +116,7 @@ def _fused_backward(do, q, k, v, out, lse, bias, causal, saved):
 
 
 class StableMaskSDPA(torch.autograd.Function):
-    """StableMask through PyTorch's own fused attention (STABLEMASK.md section 2). StableMask is causal
+    """StableMask through PyTorch's own fused attention (README, The method). StableMask is causal
     attention plus one virtual key per row of logit log S_i and value 0, so
         L_i = logaddexp(lse_i, log S_i),   O_i = O_causal_i * exp(lse_i - L_i) = O_causal_i * sigmoid(lse_i - log S_i),
     and the fused backward, handed this O and L in place of its own, computes StableMask's gradients."""
@@ -156,7 +157,7 @@ def stablemask_sdpa(q, k, v, gamma, alibi=None, pseudo_len=None):
 def attend(q, k, v, gamma, alibi, pseudo_len, impl):
     """Dispatch to one of three implementations of the same function; see GPTConfig.attn_impl."""
     if impl == 'auto':
-        impl = 'triton' if q.is_cuda else 'sdpa'
+        impl = {'cuda': 'triton', 'cpu': 'sdpa'}.get(q.device.type, 'reference')
     if impl == 'triton' and q.size(-2) == k.size(-2):  # the kernel does square attention; decode steps use sdpa
         from stablemask_kernel import stablemask_attention  # imported on use: the other paths need no Triton
         return stablemask_attention(q, k, v, gamma, alibi, pseudo_len)
@@ -195,7 +196,7 @@ class GPTConfig:
             raise ValueError(f"sm_gamma={self.sm_gamma}: the pseudo-score decay must be >= 0 (or None)")
 
 
-# The paper's model sizes (STABLEMASK.md section 4) and a tiny one for CPUs. The names are the paper's;
+# The paper's model sizes (README, Pretraining) and a tiny one for CPUs. The names are the paper's;
 # GPT(...).get_num_params() gives the count (untied GPT-2 embeddings included): 71.9M, 162M, 308M, 1.44B.
 PRESETS = {
     'tiny': dict(n_layer=4, n_head=4, n_embd=128),
@@ -426,7 +427,62 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
         logits = logits.masked_fill(logits < kth, -math.inf)
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        mass_before = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1) - torch.softmax(sorted_logits, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
         sorted_logits = sorted_logits.masked_fill(mass_before > top_p, -math.inf)  # the first token always stays
         logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
     return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: plain dicts of tensors and Python values, loaded with weights_only=True so that a
+# checkpoint from a stranger cannot run code
+
+
+def save_checkpoint(checkpoint, path):
+    """torch.save to a temporary name, then rename: an interrupted save leaves the old file whole."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, device='cpu'):
+    """Load a checkpoint file, or the ckpt.pt in a folder. Raises ValueError, with one line saying
+    what is wrong, for a missing, corrupt, truncated or foreign file."""
+    if os.path.isdir(path):
+        path = os.path.join(path, 'ckpt.pt')
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        with warnings.catch_warnings():  # torch warns before some of the failures below; the error says it all
+            warnings.simplefilter('ignore')
+            checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} is damaged, or holds Python objects other than tensors and plain values, "
+                         "which are refused because loading them could run code") from None
+    except Exception as e:  # RuntimeError, EOFError, ... by the kind of damage
+        reason = str(e).strip().splitlines()[0].split('. ')[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable checkpoint (corrupt or truncated?): {reason}") from None
+    if not isinstance(checkpoint, dict) or not {'model', 'model_args'} <= checkpoint.keys():
+        raise ValueError(f"{path} is not a checkpoint of this project (no model and model_args)")
+    # checkpoints of a torch.compile'd model (nanoGPT's, say) prefix every key with _orig_mod.
+    checkpoint['model'] = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, **overrides):
+    """The GPT a checkpoint holds, with GPTConfig fields overridden (attn_impl, attn_mask, ...)."""
+    config = GPTConfig(**{**checkpoint['model_args'], **overrides})
+    model = GPT(config)
+    state = checkpoint['model']
+    if config.pos_enc == 'learned':  # a shorter block_size keeps the first positions; a longer one has none to keep
+        wpe = state['transformer.wpe.weight']
+        if config.block_size > wpe.size(0):
+            raise ValueError(f"block_size {config.block_size} is past the checkpoint's {wpe.size(0)} learned positions")
+        state = {**state, 'transformer.wpe.weight': wpe[:config.block_size]}
+    model.load_state_dict(state)
+    return model

@@ -3,7 +3,7 @@ StableMask attention as one fused Triton kernel, forward and backward.
 
 It is FlashAttention-2 (Dao, 2023; the layout of Triton's fused-attention tutorial) with one change:
 each query row's online softmax starts from the pseudo-attention mass S_i instead of from nothing,
-as if every row had one more key, of logit log S_i and value 0 (STABLEMASK.md section 2). The
+as if every row had one more key, of logit log S_i and value 0 (README, The method). The
 backward is FlashAttention-2's, run with that corrected log-sum-exp. Blocks above the diagonal are
 skipped and nothing of size T x T is ever built. model.stablemask_reference is the function this
 computes; test_kernel.py checks the two against each other.
@@ -39,7 +39,7 @@ def _log1mexp(x):
 
 @triton.jit
 def _log2_pseudo_mass(gamma, rows, pseudo_len):
-    """log2 S_i of query rows `rows` (STABLEMASK.md section 2), -inf where a row has no pseudo columns:
+    """log2 S_i of query rows `rows` (README, The method), -inf where a row has no pseudo columns:
     S_i = sum_{j=i+1}^{pseudo_len-1} exp(-j*gamma) = exp(-(i+1)gamma) (1 - exp(-count*gamma)) / (1 - exp(-gamma))."""
     count = tl.maximum(pseudo_len - 1 - rows, 0).to(tl.float32)
     some = tl.maximum(count, 1.0)  # rows without pseudo columns are set to -inf below; spare them log(0)
@@ -96,7 +96,7 @@ def _attn_fwd(Q, K, V, Out, LSE, Gamma, Alibi, sm_scale, T, H, pseudo_len,
     qk_scale = sm_scale * LOG2E
     alibi = tl.load(Alibi + h) * LOG2E if HAS_ALIBI else 0.0
 
-    # >>> StableMask, the one change to FlashAttention-2 (paper Eq. 11; STABLEMASK.md section 2):
+    # >>> StableMask, the one change to FlashAttention-2 (paper Eq. 11; README, The method):
     # the row's softmax starts with the pseudo mass already in it, as a virtual key of logit log S_i
     # and value 0 (running max m = log S_i, running sum l = 1), instead of from (m, l) = (-inf, 0).
     # Where S_i = 0 (the last row, or causal attention) m = -inf and the first key block wipes l.

@@ -160,7 +160,7 @@ def test_closed_form_pseudo_mass():
 
 @pytest.mark.parametrize('impl', ['kernel', 'sdpa', 'reference'])
 def test_absolute_position_from_identical_inputs(impl):
-    """STABLEMASK.md section 1: with every logit equal and every value v, a StableMask head outputs
+    """README, The method: with every logit equal and every value v, a StableMask head outputs
     (i+1)e^a / ((i+1)e^a + S_i) * v, rising with position i; a causal head outputs v everywhere."""
     T, D = 50, 32
     token = torch.randn(D)

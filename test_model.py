@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import GPT, PRESETS, GPTConfig, swiglu_hidden
+from model import GPT, PRESETS, GPTConfig, KVCache, sample_next, swiglu_hidden
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 
@@ -76,3 +76,67 @@ def test_inference_returns_only_the_last_position():
 def test_config_refuses_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
         tiny(**bad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# generation: the KV cache under SM-I
+
+
+def full_logits(model, idx):
+    """Logits of every position in one forward pass, with SM-I's pseudo_len = block_size."""
+    return model(idx, targets=idx, pseudo_len=model.config.block_size)[0]
+
+
+@pytest.mark.parametrize('pos_enc', ['rope', 'alibi', 'learned', 'none'])
+@pytest.mark.parametrize('impl', ['reference', 'sdpa'])
+def test_cached_steps_equal_a_full_forward(pos_enc, impl):
+    """Prefill a prompt, then feed one token at a time through the cache: each step's logits are the
+    same row of one forward pass over the whole sequence. RoPE, ALiBi and no-position models go on
+    past block_size (rows there have no pseudo mass, in both)."""
+    torch.manual_seed(0)
+    model = GPT(tiny(pos_enc=pos_enc, block_size=32, attn_impl=impl)).eval()
+    length = 32 if pos_enc == 'learned' else 45
+    idx = torch.randint(0, 97, (2, length))
+    cache = KVCache(model.config.n_layer, length)
+    with torch.no_grad():
+        steps = [model(idx[:, :10], pseudo_len=32, kv_cache=cache)[0]]
+        steps += [model(idx[:, t:t + 1], pseudo_len=32, kv_cache=cache)[0] for t in range(10, length)]
+        full = full_logits(model, idx)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 9:], rtol=1e-4, atol=1e-5)
+
+
+def test_pseudo_len_matters_without_sm_i():
+    """Why SM-I exists: with pseudo_len = T (training) a row's output depends on the sequence length."""
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    idx = torch.randint(0, 97, (1, 40))
+    with torch.no_grad():
+        short, _ = model(idx[:, :20], targets=idx[:, :20])
+        long, _ = model(idx, targets=idx)
+        short_sm_i, _ = model(idx[:, :20], targets=idx[:, :20], pseudo_len=64)
+        long_sm_i, _ = model(idx, targets=idx, pseudo_len=64)
+    assert not torch.allclose(short, long[:, :20], atol=1e-4)
+    torch.testing.assert_close(short_sm_i, long_sm_i[:, :20], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('pos_enc', ['rope', 'alibi', 'learned', 'none'])
+def test_generate_same_greedy_tokens_with_and_without_cache(pos_enc):
+    torch.manual_seed(0)
+    model = GPT(tiny(pos_enc=pos_enc, block_size=24, attn_impl='sdpa')).eval()
+    idx = torch.randint(0, 97, (2, 5))
+    cached = model.generate(idx, 40, temperature=0)  # 45 tokens: well past block_size
+    uncached = model.generate(idx, 40, temperature=0, use_cache=False)
+    assert cached.shape == (2, 45)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached[:, :5], idx)
+
+
+def test_sample_next():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]]).repeat(500, 1)
+    assert sample_next(logits, temperature=0).eq(1).all()
+    torch.manual_seed(0)
+    assert set(sample_next(logits, top_k=2).flatten().tolist()) == {1, 3}
+    probs = torch.softmax(logits[0], -1)  # 0.64, 0.24, 0.09, 0.03 over tokens 1, 3, 2, 0
+    assert set(sample_next(logits, top_p=0.5).flatten().tolist()) == {1}
+    assert set(sample_next(logits, top_p=float(probs[1] + 0.01)).flatten().tolist()) == {1, 3}
+    assert set(sample_next(logits).flatten().tolist()) == {0, 1, 2, 3}

@@ -1,0 +1,94 @@
+"""
+Sample text from a trained checkpoint, streamed as it is generated.
+
+    python sample.py --init_from=out-shakespeare-char --start="ROMEO:" --num_samples=3
+    python sample.py --init_from=out/ckpt.pt --start=FILE:prompt.txt --temperature=0 --max_new_tokens=100
+
+Generation uses a KV cache under the paper's SM-I inference: every position keeps the pseudo mass it
+had at the training length, so a cached step computes exactly what a full forward pass would.
+"""
+
+import codecs
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from configurator import configure
+from model import load_checkpoint, model_from_checkpoint
+from prepare_data import PrepareError, tokenizer_from_meta
+
+# -----------------------------------------------------------------------------
+init_from = 'out'  # a checkpoint file, or a folder holding ckpt.pt
+start = "\n"  # the prompt; FILE:path reads it from a file. Empty: the end-of-text token (GPT-2 BPE)
+num_samples = 3
+max_new_tokens = 500
+temperature = 0.8  # 0: greedy
+top_k = 200  # None: no top-k cut
+top_p = None  # nucleus sampling: keep the smallest set of tokens holding this much probability
+seed = 1337
+device = 'auto'
+dtype = 'auto'
+attn_impl = 'auto'
+use_cache = True  # False recomputes the whole context at every step (same tokens, slower)
+compile = False
+# -----------------------------------------------------------------------------
+
+
+def fail(message):
+    print(f"sample.py: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
+try:
+    globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:], nullable=('top_k',)))
+except ValueError as e:
+    fail(e)
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+if dtype == 'auto':
+    dtype = 'float32' if device_type == 'cpu' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+autocast = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+torch.manual_seed(seed)
+
+try:
+    checkpoint = load_checkpoint(init_from, device)
+    model = model_from_checkpoint(checkpoint, attn_impl=attn_impl, dropout=0.0)
+except ValueError as e:
+    fail(e)
+meta = checkpoint.get('meta')
+if not meta:
+    fail(f"{init_from} holds no tokenizer description (meta); was it written by train.py?")
+model.eval().to(device)
+if compile:
+    model = torch.compile(model)
+
+if start.startswith('FILE:'):
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read the prompt file {start[5:]}: {e}")
+try:
+    encode, token_bytes = tokenizer_from_meta(meta)
+    start_ids = encode(start)
+except PrepareError as e:
+    fail(f"the prompt: {e}")
+if not start_ids:
+    if 'eot_token' not in meta:
+        fail("the prompt is empty and this tokenizer has no end-of-text token to start from")
+    start_ids = [meta['eot_token']]
+
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
+for n in range(num_samples):
+    text = codecs.getincrementaldecoder('utf-8')(errors='replace')  # BPE tokens can split a character
+    sys.stdout.write(start)
+    with torch.no_grad(), autocast:
+        for token in model.generate_tokens(x, max_new_tokens, temperature, top_k, top_p, use_cache):
+            sys.stdout.write(text.decode(token_bytes(token.item())))
+            sys.stdout.flush()
+    sys.stdout.write(text.decode(b'', final=True) + '\n---------------\n')

@@ -1,0 +1,324 @@
+"""The pipeline as a user runs it: prepare_data.py, train.py (one process and torchrun), sample.py."""
+
+import ast
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import prepare_data
+from conftest import REPO, run_script
+from configurator import configure
+from model import PRESETS, load_checkpoint
+from prepare_data import PrepareError, prepare, tokenizer_from_meta, tokenizer_safe_chunks
+
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=4',
+        '--log_interval=5', '--warmup_iters=5', '--learning_rate=3e-3', '--min_lr=3e-4']
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def decode(meta, ids):
+    _, token_bytes = tokenizer_from_meta(meta)
+    return b''.join(token_bytes(int(i)) for i in ids).decode('utf-8')
+
+
+def load_tokens(folder):
+    with open(os.path.join(folder, 'meta.json')) as f:
+        meta = json.load(f)
+    splits = [np.fromfile(os.path.join(folder, f"{s}.bin"), dtype=meta['dtype']) for s in ('train', 'val')]
+    return meta, np.concatenate(splits)
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    """A scratch folder holding the offline default dataset, data/pydoc_char."""
+    folder = tmp_path_factory.mktemp('work')
+    run_script('prepare_data.py', '--tokenizer=char', cwd=folder)
+    return folder
+
+@pytest.fixture(scope='module')
+def trained(workdir):
+    """out-a: a tiny model trained for 80 steps on the offline default."""
+    run_script('train.py', *TINY, '--max_iters=80', '--eval_interval=40', '--out_dir=out-a', cwd=workdir)
+    return workdir / 'out-a'
+
+# ---------------------------------------------------------------------------------------------------
+# prepare_data.py
+
+
+def test_offline_default_char(workdir):
+    from pydoc_data.topics import topics
+    meta, ids = load_tokens(workdir / 'data' / 'pydoc_char')
+    assert meta['tokenizer'] == 'char' and meta['dtype'] == 'uint16' and meta['vocab_size'] == len(meta['chars'])
+    assert meta['val_tokens'] == len(ids) - meta['train_tokens'] > 0.09 * len(ids)
+    assert decode(meta, ids) == '\n'.join(topics[name] for name in sorted(topics))
+
+
+def test_offline_default_gpt2(tmp_path, gpt2_offline):
+    import tiktoken
+    from pydoc_data.topics import topics
+    run_script('prepare_data.py', cwd=tmp_path)
+    meta, ids = load_tokens(tmp_path / 'data' / 'pydoc')
+    assert (meta['tokenizer'], meta['vocab_size'], meta['eot_token']) == ('gpt2', 50257, 50256)
+    enc = tiktoken.get_encoding('r50k_base')
+    expected = [t for name in sorted(topics) for t in enc.encode_ordinary(topics[name]) + [50256]]
+    assert ids.tolist() == expected
+
+
+def test_shakespeare_both_tokenizers(tmp_path, shakespeare_txt, gpt2_offline):
+    import tiktoken
+    text = open(shakespeare_txt, encoding='utf-8').read()
+    for tokenizer, name in (('gpt2', 'shakespeare'), ('char', 'shakespeare_char')):
+        run_script('prepare_data.py', 'shakespeare', '--input', shakespeare_txt, f'--tokenizer={tokenizer}', cwd=tmp_path)
+        meta, ids = load_tokens(tmp_path / 'data' / name)
+        if tokenizer == 'gpt2':
+            assert ids.tolist() == tiktoken.get_encoding('r50k_base').encode_ordinary(text) + [50256]
+        else:
+            assert decode(meta, ids) == text and meta['vocab_size'] == 65
+
+
+def test_parallel_chunks_encode_like_the_whole(shakespeare_txt, gpt2_offline):
+    import tiktoken
+    enc = tiktoken.get_encoding('r50k_base')
+    text = open(shakespeare_txt, encoding='utf-8').read()[:200_000] + "\n\n  odd   spacing\n \nX\ny"
+    chunks = tokenizer_safe_chunks(text, 1000)
+    assert len(chunks) > 100 and ''.join(chunks) == text
+    assert [t for c in chunks for t in enc.encode_ordinary(c)] == enc.encode_ordinary(text)
+
+
+def test_folder_input(tmp_path):
+    corpus = tmp_path / 'notes'
+    (corpus / 'sub').mkdir(parents=True)
+    (corpus / 'b.txt').write_text('second file\n' * 20)
+    (corpus / 'a.txt').write_text('first file\n' * 20)
+    (corpus / 'sub' / 'c.md').write_text('nested ünïcode\n' * 20)
+    (corpus / '.hidden').write_text('skipped')
+    result = run_script('prepare_data.py', '--input', corpus, '--tokenizer=char', cwd=tmp_path)
+    assert 'data/notes_char' in result.stdout
+    meta, ids = load_tokens(tmp_path / 'data' / 'notes_char')
+    assert decode(meta, ids) == '\n'.join(['first file\n' * 20, 'second file\n' * 20, 'nested ünïcode\n' * 20])
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--input', 'missing.txt'], 'missing.txt: no such file'),
+    (['--input', 'empty.txt'], 'no text'),
+    (['--input', 'binary.txt'], 'not UTF-8'),
+    (['nosuchsource'], 'unknown source'),
+    (['--tokenizer=bpe'], 'unknown tokenizer'),
+    (['--val_fraction=1.5'], 'fraction'),
+    (['shakespeare', '--input', 'missing.txt'], 'missing.txt: no such file'),
+])
+def test_prepare_bad_input(tmp_path, args, message):
+    (tmp_path / 'empty.txt').write_text('  \n')
+    (tmp_path / 'binary.txt').write_bytes(bytes(range(128, 256)))
+    result = run_script('prepare_data.py', *args, cwd=tmp_path, expect_ok=False)
+    assert result.returncode != 0
+    assert result.stderr.strip().count('\n') == 0 and result.stderr.startswith('prepare_data.py: error:'), result.stderr
+    assert message in result.stderr
+    assert not (tmp_path / 'data').exists() or not any((tmp_path / 'data').rglob('*'))
+
+
+def test_download_without_network(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_data, 'SHAKESPEARE_URL', 'http://127.0.0.1:9/input.txt')  # nothing listens there
+    with pytest.raises(PrepareError, match='cannot download .* give a local copy with --input'):
+        prepare('shakespeare', [], 'char', None, out_dir=str(tmp_path / 'data'))
+    assert not (tmp_path / 'data' / 'shakespeare_char').exists()
+
+
+def test_interrupted_prepare_keeps_the_old_dataset(tmp_path, monkeypatch):
+    (tmp_path / 'a.txt').write_text('old text, ' * 100)
+    (tmp_path / 'b.txt').write_text('new words; ' * 300)
+    dest, _ = prepare('files', [str(tmp_path / 'a.txt')], 'char', 'ds', out_dir=str(tmp_path / 'data'))
+    before = {p.name: p.read_bytes() for p in (tmp_path / 'data' / 'ds').iterdir()}
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    for target in ('encode_chars', 'json'):  # during tokenization; then while writing meta.json, the last file
+        with monkeypatch.context() as m:
+            if target == 'json':
+                m.setattr(prepare_data.json, 'dumps', interrupt)
+            else:
+                m.setattr(prepare_data, target, interrupt)
+            with pytest.raises(KeyboardInterrupt):
+                prepare('files', [str(tmp_path / 'b.txt')], 'char', 'ds', out_dir=str(tmp_path / 'data'))
+        assert not [p for p in (tmp_path / 'data' / 'ds').iterdir() if '.tmp' in p.name]
+    assert (tmp_path / 'data' / 'ds' / 'meta.json').read_bytes() == before['meta.json']
+    # the .bin files were replaced whole but meta.json was not: train.py sees the mismatch and says so
+    result = run_script('train.py', '--dataset=data/ds', *TINY, '--max_iters=1', cwd=tmp_path, expect_ok=False)
+    assert result.returncode == 1 and 'rerun prepare_data.py' in result.stderr
+
+# ---------------------------------------------------------------------------------------------------
+# train.py and sample.py
+
+
+def test_train_loss_falls_then_sample(workdir, trained):
+    log = read_log(trained)
+    val = [r['val_loss'] for r in log if 'val_loss' in r]
+    assert len(val) == 3 and val[-1] < val[0] - 0.5, val
+    steps = [r for r in log if 'loss' in r]
+    assert steps[-1]['iter'] == 80 and steps[-1]['tokens_per_sec'] > 0 and steps[-1]['mfu'] is None  # no MFU on a CPU
+    ckpt = load_checkpoint(str(workdir / 'out-a'))
+    assert ckpt['iter_num'] == 80 and ckpt['meta']['tokenizer'] == 'char'
+
+    out = run_script('sample.py', '--init_from=out-a', '--start=The ', '--num_samples=2', '--max_new_tokens=40', cwd=workdir).stdout
+    samples = out.split('---------------\n')
+    assert len(samples) == 3 and all(s.startswith('The ') and len(s) > 40 for s in samples[:2])
+    greedy = ['--init_from=out-a/ckpt.pt', '--start=The ', '--num_samples=1', '--max_new_tokens=60', '--temperature=0']
+    cached = run_script('sample.py', *greedy, cwd=workdir).stdout
+    assert cached == run_script('sample.py', *greedy, '--use_cache=False', cwd=workdir).stdout
+
+
+def test_prompt_from_file_and_bad_prompts(workdir, trained):
+    (workdir / 'prompt.txt').write_text('def ')
+    out = run_script('sample.py', '--init_from=out-a', '--start=FILE:prompt.txt', '--num_samples=1',
+                     '--max_new_tokens=5', cwd=workdir).stdout
+    assert out.startswith('def ')
+    for start, message in (('FILE:nope.txt', 'cannot read the prompt'), ('\u4e2d', 'not in the vocabulary'), ('', 'empty')):
+        result = run_script('sample.py', '--init_from=out-a', f'--start={start}', cwd=workdir, expect_ok=False)
+        assert result.returncode == 1 and message in result.stderr
+
+
+def test_sigterm_saves_and_resume_is_exact(workdir):
+    """A run stopped by SIGTERM and resumed ends exactly where an uninterrupted one does (dropout on:
+    the RNG state travels in the checkpoint; batches depend only on the step)."""
+    args = [*TINY, '--dropout=0.1', '--max_iters=300', '--eval_interval=100']
+    run_script('train.py', *args, '--out_dir=out-full', cwd=workdir)
+    env = {**os.environ, 'OMP_NUM_THREADS': '2'}
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'train.py'), *args, '--out_dir=out-part'],
+                            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log_path = workdir / 'out-part' / 'log.jsonl'
+    deadline = time.time() + 120
+    while not (log_path.exists() and any(json.loads(line).get('iter', 0) >= 20 for line in log_path.read_text().splitlines())):
+        assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be stopped'
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert 'stopped by a signal' in stdout
+    stopped_at = load_checkpoint(str(workdir / 'out-part'))['iter_num']
+    assert 20 <= stopped_at < 300
+    run_script('train.py', *args, '--out_dir=out-part', '--init_from=resume', cwd=workdir)
+    full, part = read_log(workdir / 'out-full'), read_log(workdir / 'out-part')
+    after_stop = lambda log: [(r['iter'], r.get('loss'), r.get('val_loss')) for r in log if r['iter'] > stopped_at]
+    assert after_stop(full) == after_stop(part) and after_stop(full)[-1][0] == 300
+
+
+def test_torchrun_two_processes_follow_one(workdir):
+    """Two processes with gloo, each accumulating half, see the same batches as one process doing all of
+    it, so the loss curves agree (to float summation order)."""
+    args = [*TINY, '--max_iters=30', '--eval_interval=15', '--gradient_accumulation_steps=4']
+    run_script('train.py', *args, '--out_dir=out-one', cwd=workdir)
+    result = run_script('train.py', *args, '--out_dir=out-ddp', cwd=workdir, torchrun=2)
+    assert '2 process(es)' in result.stdout
+    one, two = read_log(workdir / 'out-one'), read_log(workdir / 'out-ddp')
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        for key in ('loss', 'val_loss', 'train_loss'):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4), (a, b)
+
+
+def test_finetune_causal_model_as_stablemask(workdir, tmp_path):
+    run_script('train.py', *TINY, '--attn_mask=causal', '--max_iters=30', '--eval_interval=30', '--out_dir=out-causal', cwd=workdir)
+    result = run_script('train.py', '--init_from=out-causal', '--attn_mask=stablemask', '--n_layer=7', '--max_iters=20',
+                        '--eval_interval=10', '--eval_iters=4', '--block_size=32', '--batch_size=8', '--out_dir=out-ft', cwd=workdir)
+    assert 'fine-tuning out-causal' in result.stdout
+    ckpt = load_checkpoint(str(workdir / 'out-ft'))
+    assert ckpt['model_args']['attn_mask'] == 'stablemask' and ckpt['model_args']['n_layer'] == 2  # the checkpoint's
+    assert ckpt['iter_num'] == 20  # a fresh schedule
+    # another tokenizer cannot continue this model
+    (workdir / 'other.txt').write_text('xyz' * 500)
+    run_script('prepare_data.py', '--input', 'other.txt', '--tokenizer=char', cwd=workdir)
+    result = run_script('train.py', '--init_from=out-causal', '--dataset=other_char', *TINY, cwd=workdir, expect_ok=False)
+    assert result.returncode == 1 and 'another tokenizer' in result.stderr
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--bogus=1'], "unknown config key 'bogus'"),
+    (['--batch_size=1.5'], 'batch_size=1.5: expected an integer'),
+    (['--compile=yes'], 'expected True or False'),
+    (['--lr_schedule=step'], 'lr_schedule'),
+    (['--attn_mask=sink'], 'attn_mask'),
+    (['--dataset=nothing'], 'no dataset at data/nothing'),
+    (['--block_size=100000'], 'too few for block_size'),
+    (['bad_config.py'], "unknown config key 'learning_rat' (in bad_config.py)"),
+    (['missing_config.py'], 'cannot read config file'),
+    (['--init_from=resume', '--out_dir=nowhere'], 'no checkpoint at nowhere'),
+])
+def test_train_bad_input(workdir, args, message):
+    (workdir / 'bad_config.py').write_text('learning_rat = 1e-3\n')
+    result = run_script('train.py', *args, cwd=workdir, expect_ok=False)
+    assert result.returncode == 1 and result.stderr.strip().count('\n') == 0, result.stderr
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'garbage', 'foreign', 'malicious'])
+def test_damaged_checkpoint_is_refused_and_kept(workdir, trained, damage):
+    out = workdir / f'out-{damage}'
+    out.mkdir()
+    good = (trained / 'ckpt.pt').read_bytes()
+    path = out / 'ckpt.pt'
+    if damage == 'truncated':
+        path.write_bytes(good[:len(good) // 2])
+    elif damage == 'garbage':
+        path.write_bytes(os.urandom(5000))
+    elif damage == 'foreign':
+        torch.save({'weights': torch.zeros(3)}, path)
+    else:  # a pickle that would run code when loaded without weights_only
+        path.write_bytes(pickle.dumps(Exploit()))
+    before = path.read_bytes()
+    for script, args in (('train.py', ['--init_from=resume', f'--out_dir={out.name}']), ('sample.py', [f'--init_from={out.name}'])):
+        result = run_script(script, *args, cwd=workdir, expect_ok=False)
+        assert result.returncode == 1 and result.stderr.strip().count('\n') == 0, result.stderr
+        assert 'ckpt.pt is ' in result.stderr
+    assert path.read_bytes() == before  # nothing lost
+    assert not (workdir / 'pwned').exists()
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ('touch pwned',))
+
+
+def test_checkpoint_of_a_compiled_model_loads(workdir, trained, tmp_path):
+    ckpt = torch.load(trained / 'ckpt.pt', weights_only=True)
+    ckpt['model'] = {f'_orig_mod.{k}': v for k, v in ckpt['model'].items()}  # how torch.compile names them
+    torch.save(ckpt, tmp_path / 'compiled.pt')
+    out = run_script('sample.py', f'--init_from={tmp_path / "compiled.pt"}', '--num_samples=1', '--max_new_tokens=5', cwd=workdir)
+    assert out.stdout.endswith('---------------\n')
+
+
+def train_defaults():
+    """train.py's settings, read from its source (running it would start training)."""
+    tree = ast.parse(open(os.path.join(REPO, 'train.py')).read())
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.Constant)}
+
+
+@pytest.mark.parametrize('name', sorted(os.listdir(os.path.join(REPO, 'config'))))
+def test_config_files(name):
+    config = configure(train_defaults(), [os.path.join(REPO, 'config', name)])
+    sizes = {k: config[k] for k in ('n_layer', 'n_head', 'n_embd')}
+    preset = open(os.path.join(REPO, 'config', name)).read().partition("model.PRESETS['")[2].partition("'")[0]
+    if preset:
+        assert sizes == PRESETS[preset]
+
+
+def test_configurator():
+    defaults = dict(a=1, b=0.5, c='x', d=True, e=None)
+    assert configure(defaults, ['--a=2', '--b=3', '--c=y', '--d=False', '--e=0.1']) == dict(a=2, b=3.0, c='y', d=False, e=0.1)
+    assert configure(defaults, ['--a=None'], nullable=('a',))['a'] is None
+    for bad in ('--a=x', '--a=True', '--b=x', '--d=1', '--e=x', '--f=1', '--a'):
+        with pytest.raises(ValueError):
+            configure(defaults, [bad])
