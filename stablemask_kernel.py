@@ -50,6 +50,24 @@ def _log2_pseudo_mass(gamma, rows, pseudo_len):
     return tl.where(count > 0, log_mass * LOG2E, float("-inf"))
 
 
+@triton.jit
+def _rows(base, idx, stride, T, HEAD_DIM: tl.constexpr):
+    """Rows idx of one head's (T, HEAD_DIM) matrix, zeros past T: a (len(idx), HEAD_DIM) tile."""
+    return tl.load(base + idx[:, None] * stride + tl.arange(0, HEAD_DIM)[None, :], mask=idx[:, None] < T, other=0.0)
+
+
+@triton.jit
+def _rows_t(base, idx, stride, T, HEAD_DIM: tl.constexpr):
+    """The same rows, transposed: a (HEAD_DIM, len(idx)) tile."""
+    return tl.load(base + idx[None, :] * stride + tl.arange(0, HEAD_DIM)[:, None], mask=idx[None, :] < T, other=0.0)
+
+
+@triton.jit
+def _store_rows(base, idx, stride, T, tile, HEAD_DIM: tl.constexpr):
+    tl.store(base + idx[:, None] * stride + tl.arange(0, HEAD_DIM)[None, :], tile.to(base.dtype.element_ty),
+             mask=idx[:, None] < T)
+
+
 # -----------------------------------------------------------------------------
 # forward
 
@@ -59,11 +77,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, lo,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr, DIAGONAL: tl.constexpr,
                PRECISION: tl.constexpr):
     """The online softmax over key blocks [lo, hi); the causal mask only where DIAGONAL."""
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < T, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=cols[:, None] < T, other=0.0)
+        kT = _rows_t(k_base, cols, stride_kt, T, HEAD_DIM)
+        v = _rows(v_base, cols, stride_vt, T, HEAD_DIM)
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # logits in log2 units
         if HAS_ALIBI:
             s += alibi * (cols[None, :] - rows[:, None])
@@ -88,9 +105,7 @@ def _attn_fwd(Q, K, V, Out, LSE, Gamma, Alibi, sm_scale, T, H, pseudo_len,
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H
     rows = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
-                mask=rows[:, None] < T, other=0.0)
+    q = _rows(Q + b * stride_qb + h * stride_qh, rows, stride_qt, T, HEAD_DIM)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     qk_scale = sm_scale * LOG2E
@@ -114,8 +129,7 @@ def _attn_fwd(Q, K, V, Out, LSE, Gamma, Alibi, sm_scale, T, H, pseudo_len,
                                tl.minimum(start_m + BLOCK_M, T), T, qk_scale, alibi, HEAD_DIM, BLOCK_N,
                                HAS_ALIBI, True, PRECISION)
     tl.store(LSE + bh * T + rows, m_i + tl.log2(l_i), mask=rows < T)  # the corrected log-sum-exp, base 2
-    tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
-             (acc / l_i[:, None]).to(Out.type.element_ty), mask=rows[:, None] < T)
+    _store_rows(Out + b * stride_ob + h * stride_oh, rows, stride_ot, T, acc / l_i[:, None], HEAD_DIM)
 
 
 # -----------------------------------------------------------------------------
@@ -128,9 +142,9 @@ def _bwd_preprocess(O, DO, Delta, T, H, stride_ob, stride_oh, stride_ot,
     """Delta_i = rowsum(dO_i * O_i), with O StableMask's output."""
     bh = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs = (bh // H).to(tl.int64) * stride_ob + (bh % H) * stride_oh + rows[:, None] * stride_ot + tl.arange(0, HEAD_DIM)[None, :]
-    o = tl.load(O + offs, mask=rows[:, None] < T, other=0.0).to(tl.float32)
-    do = tl.load(DO + offs, mask=rows[:, None] < T, other=0.0).to(tl.float32)
+    head = (bh // H).to(tl.int64) * stride_ob + (bh % H) * stride_oh
+    o = _rows(O + head, rows, stride_ot, T, HEAD_DIM).to(tl.float32)
+    do = _rows(DO + head, rows, stride_ot, T, HEAD_DIM).to(tl.float32)
     tl.store(Delta + bh * T + rows, tl.sum(o * do, 1), mask=rows < T)
 
 
@@ -139,11 +153,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
                     qk_scale, alibi, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     DIAGONAL: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi)."""
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        qT = tl.load(q_base + rows[None, :] * stride_qt + offs_d[:, None], mask=rows[None, :] < T, other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_ot + offs_d[None, :], mask=rows[:, None] < T, other=0.0)
+        qT = _rows_t(q_base, rows, stride_qt, T, HEAD_DIM)
+        do = _rows(do_base, rows, stride_ot, T, HEAD_DIM)
         lse = tl.load(lse_base + rows, mask=rows < T, other=float("inf"))  # rows past T get P = 0
         delta = tl.load(delta_base + rows, mask=rows < T, other=0.0)
         sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale
@@ -170,11 +183,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Alibi, sm_scale, T, H,
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H
     cols = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kt + offs_d[None, :],
-                mask=cols[:, None] < T, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vt + offs_d[None, :],
-                mask=cols[:, None] < T, other=0.0)
+    k = _rows(K + b * stride_kb + h * stride_kh, cols, stride_kt, T, HEAD_DIM)
+    v = _rows(V + b * stride_vb + h * stride_vh, cols, stride_vt, T, HEAD_DIM)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_ob + h * stride_oh
     qk_scale = sm_scale * LOG2E
@@ -187,9 +197,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Alibi, sm_scale, T, H,
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * T, Delta + bh * T, stride_qt, stride_ot,
                              cols, start_n + BLOCK_N, T, T, qk_scale, alibi,
                              HEAD_DIM, BLOCK_M, HAS_ALIBI, False, PRECISION)
-    out = b * stride_ob + h * stride_oh + cols[:, None] * stride_ot + offs_d[None, :]
-    tl.store(DK + out, (dk * sm_scale).to(DK.type.element_ty), mask=cols[:, None] < T)
-    tl.store(DV + out, dv.to(DV.type.element_ty), mask=cols[:, None] < T)
+    head = b * stride_ob + h * stride_oh
+    _store_rows(DK + head, cols, stride_ot, T, dk * sm_scale, HEAD_DIM)
+    _store_rows(DV + head, cols, stride_ot, T, dv, HEAD_DIM)
 
 
 @triton.jit
@@ -197,11 +207,10 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, r
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr,
                   DIAGONAL: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [lo, hi)."""
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=cols[None, :] < T, other=0.0)
-        vT = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None], mask=cols[None, :] < T, other=0.0)
+        kT = _rows_t(k_base, cols, stride_kt, T, HEAD_DIM)
+        vT = _rows_t(v_base, cols, stride_vt, T, HEAD_DIM)
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
         if HAS_ALIBI:
             s += alibi * (cols[None, :] - rows[:, None])
@@ -225,11 +234,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Alibi, sm_scale, T, H,
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H
     rows = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
-                mask=rows[:, None] < T, other=0.0)
-    do = tl.load(DO + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
-                 mask=rows[:, None] < T, other=0.0)
+    q = _rows(Q + b * stride_qb + h * stride_qh, rows, stride_qt, T, HEAD_DIM)
+    do = _rows(DO + b * stride_ob + h * stride_oh, rows, stride_ot, T, HEAD_DIM)
     lse = tl.load(LSE + bh * T + rows, mask=rows < T, other=float("inf"))
     delta = tl.load(Delta + bh * T + rows, mask=rows < T, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
@@ -242,8 +248,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Alibi, sm_scale, T, H,
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, start_m,
                        tl.minimum(start_m + BLOCK_M, T), T, qk_scale, alibi, HEAD_DIM, BLOCK_N,
                        HAS_ALIBI, True, PRECISION)
-    tl.store(DQ + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
-             (dq * sm_scale).to(DQ.type.element_ty), mask=rows[:, None] < T)
+    _store_rows(DQ + b * stride_ob + h * stride_oh, rows, stride_ot, T, dq * sm_scale, HEAD_DIM)
 
 
 # -----------------------------------------------------------------------------
