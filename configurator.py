@@ -4,7 +4,8 @@ module-level variables, then
 
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
 
-runs the config file (Python assignments) and then applies each --key=value, in order. Unlike
+runs the config file (Python assignments) and then applies each --key=value, in order (a bare --key
+sets a True/False setting to True). Unlike
 nanoGPT's exec, a key the script does not have, or a value of the wrong type, is refused.
 """
 
@@ -51,9 +52,9 @@ def configure(defaults, argv, nullable=()):
     for arg in argv:
         if arg.startswith('--'):
             key, eq, text = arg[2:].partition('=')
-            if not eq:
-                raise ValueError(f"{arg}: write overrides as --key=value")
-            config[key] = _checked(key, _parse(text), defaults, nullable, '')
+            if not eq and not isinstance(defaults.get(key), bool):
+                raise ValueError(f"{arg}: write overrides as --key=value (a bare --key sets a True/False key)")
+            config[key] = _checked(key, _parse(text) if eq else True, defaults, nullable, '')
         else:
             try:
                 with open(arg) as f:

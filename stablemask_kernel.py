@@ -256,24 +256,24 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Alibi, sm_scale, T, H,
 # every code path); autotuned on a GPU, cached per (T, head dim).
 
 
-def _configs(pairs):
-    return [triton.Config({'BLOCK_M': m, 'BLOCK_N': n}, num_warps=w, num_stages=s)
-            for m, n in pairs for w in (4, 8) for s in (2, 3, 4)]
+def _configs(choices):
+    return [triton.Config({'BLOCK_M': m, 'BLOCK_N': n}, num_warps=w, num_stages=s) for m, n, w, s in choices]
 
 
-# forward and dQ want BLOCK_M a multiple of BLOCK_N; dK/dV the reverse (the diagonal is walked in the small step)
-_FWD_BLOCKS = [(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)]
-_DKDV_BLOCKS = [(32, 64), (32, 128), (64, 64), (64, 128), (16, 64)]
-_DQ_BLOCKS = [(64, 32), (128, 32), (128, 64), (64, 64), (64, 16)]
+# (BLOCK_M, BLOCK_N, warps, stages), few enough to tune in seconds. The forward and dQ walk keys in
+# BLOCK_N steps and need BLOCK_M a multiple of BLOCK_N; dK/dV walk queries and need the reverse.
+_FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4)]
+_DKDV_CONFIGS = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 4)]
+_DQ_CONFIGS = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3), (64, 16, 4, 4)]
 _INTERPRETER_BLOCKS = dict(fwd=(32, 16), dkdv=(16, 32), dq=(32, 16))
 
 if INTERPRET:
     _kernels = dict(fwd=_attn_fwd, dkdv=_attn_bwd_dkdv, dq=_attn_bwd_dq)
 else:
     _key = ['T', 'HEAD_DIM', 'HAS_ALIBI']
-    _kernels = dict(fwd=triton.autotune(_configs(_FWD_BLOCKS), key=_key + ['HAS_PSEUDO'])(_attn_fwd),
-                    dkdv=triton.autotune(_configs(_DKDV_BLOCKS), key=_key)(_attn_bwd_dkdv),
-                    dq=triton.autotune(_configs(_DQ_BLOCKS), key=_key)(_attn_bwd_dq))
+    _kernels = dict(fwd=triton.autotune(_configs(_FWD_CONFIGS), key=_key + ['HAS_PSEUDO'])(_attn_fwd),
+                    dkdv=triton.autotune(_configs(_DKDV_CONFIGS), key=_key)(_attn_bwd_dkdv),
+                    dq=triton.autotune(_configs(_DQ_CONFIGS), key=_key)(_attn_bwd_dq))
 
 
 def _launch(name, grid_blocks, BH, T, *args, **kwargs):

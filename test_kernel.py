@@ -202,3 +202,65 @@ def test_kernel_rejects_bad_input():
         stablemask_attention(q, q, q, gamma=torch.ones(3))
     out = stablemask_attention(q, q, q, gamma=0.25)  # a float means that decay for every head
     torch.testing.assert_close(out, stablemask_attention(q, q, q, gamma=torch.full((2,), 0.25)))
+
+
+HOPPER_COMPILE = r'''
+import os
+os.environ['TRITON_INTERPRET'] = '0'  # compile for a GPU that is not here
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import stablemask_kernel as sk
+
+for kernel in sk._kernels.values():  # the autotuners: keys name real arguments, blocks tile the diagonal
+    assert set(kernel.keys) <= set(kernel.fn.arg_names), kernel.keys
+for m, n, _, _ in sk._FWD_CONFIGS + sk._DQ_CONFIGS:
+    assert m % n == 0
+for m, n, _, _ in sk._DKDV_CONFIGS:
+    assert n % m == 0
+
+def compile_for_hopper(fn, dtype, **constexprs):
+    types = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            types[name] = 'constexpr'
+        elif name == 'sm_scale':
+            types[name] = 'fp32'
+        elif name in ('LSE', 'Gamma', 'Alibi', 'Delta'):
+            types[name] = '*fp32'
+        elif name in ('T', 'H', 'pseudo_len') or name.startswith('stride'):
+            types[name] = 'i32'
+        else:
+            types[name] = '*' + dtype
+    # what a launch tells the compiler about 16-aligned pointers and strides, which lets it pipeline loads
+    attrs = {(i,): [['tt.divisibility', 16]] for i, name in enumerate(fn.arg_names) if types[name][0] == '*' or name.startswith('stride')}
+    src = ASTSource(fn=fn, signature=types, attrs=attrs,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=8, num_stages=3))
+
+for dtype, precision in (('bf16', 'tf32'), ('fp32', 'ieee')):
+    common = dict(HEAD_DIM=128 if dtype == 'bf16' else 64, HAS_ALIBI=True, PRECISION=precision)
+    fwd = compile_for_hopper(sk._attn_fwd, dtype, BLOCK_M=128, BLOCK_N=64, HAS_PSEUDO=True, **common)
+    compile_for_hopper(sk._attn_bwd_dkdv, dtype, BLOCK_M=32, BLOCK_N=128, **common)
+    compile_for_hopper(sk._attn_bwd_dq, dtype, BLOCK_M=128, BLOCK_N=32, **common)
+    if dtype == 'bf16':  # Hopper's warp-group MMA, fed by pipelined asynchronous copies
+        assert 'warp_group_dot' in fwd.asm['ttgir'] and 'async_copy' in fwd.asm['ttgir']
+compile_for_hopper(sk._bwd_preprocess, 'bf16', HEAD_DIM=128, BLOCK_M=64)
+print('compiled')
+'''
+
+
+@pytest.mark.skipif(DEVICE == 'cuda', reason='on a GPU the kernels are compiled and run by the tests above')
+def test_kernels_compile_for_hopper():
+    """The interpreter does not compile the kernels, so without a GPU this is the check that they
+    compile to Hopper (sm_90) code, and that the autotuning set-up a GPU uses is sound."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"this Triton has no ahead-of-time compile API ({e})")
+    result = subprocess.run([sys.executable, '-c', HOPPER_COMPILE], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and 'compiled' in result.stdout, result.stderr[-3000:]

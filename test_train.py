@@ -319,6 +319,7 @@ def test_configurator():
     defaults = dict(a=1, b=0.5, c='x', d=True, e=None)
     assert configure(defaults, ['--a=2', '--b=3', '--c=y', '--d=False', '--e=0.1']) == dict(a=2, b=3.0, c='y', d=False, e=0.1)
     assert configure(defaults, ['--a=None'], nullable=('a',))['a'] is None
+    assert configure(dict(quick=False), ['--quick'])['quick'] is True
     for bad in ('--a=x', '--a=True', '--b=x', '--d=1', '--e=x', '--f=1', '--a'):
         with pytest.raises(ValueError):
             configure(defaults, [bad])

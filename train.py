@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from configurator import configure
-from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, gpu_peak_flops, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -238,17 +238,6 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-# dense bf16/fp16 tensor-core peaks in FLOP/s; the first name found in the GPU's name wins
-GPU_PEAK_FLOPS = {'H200': 989e12, 'H100 PCIe': 756e12, 'H100': 989e12, 'A100': 312e12}
-
-
-def hardware_peak_flops():
-    if peak_flops or device_type != 'cuda' or dtype == 'float32':
-        return peak_flops or None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
-
-
 def log(record):
     with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(record) + '\n')
@@ -271,7 +260,7 @@ if master:
     os.makedirs(out_dir, exist_ok=True)
     print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {attn_mask} attention, {pos_enc} positions; "
           f"{tokens_per_iter:,} tokens per step on {world_size} process(es), {device}, {dtype}")
-peak = hardware_peak_flops()
+peak = peak_flops or (gpu_peak_flops(device) if dtype != 'float32' else None)  # float32 runs at a lower peak
 bar = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, unit='step')
 t_last, iter_last, saved_at = time.time(), iter_num, resumed_at
 stopping = False  # with DDP, decided by all processes together at a log step, so that they stop at the same step

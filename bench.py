@@ -1,0 +1,218 @@
+"""
+How fast is StableMask? Attention alone, then a whole model training, each measured side by side with
+the best plain causal attention in one run, and printed as markdown tables.
+
+    python bench.py            # the full tables (GPU: about 10 minutes; CPU: small sizes)
+    python bench.py --quick    # about a minute
+
+On a GPU: our Triton kernel and our 'sdpa' StableMask path against PyTorch's causal SDPA (flash and
+cuDNN backends: the bar to reach), FlexAttention computing StableMask exactly, and the materialised
+reference until it runs out of memory; forward, backward and both; T from 512 to 16384, head dims 64
+and 128, bf16 and fp16, batch x heads filling the GPU (B*T = 16k tokens, H*D = 2048). Then the 160M
+model's training tokens/s and MFU with StableMask and with causal attention, at sequence 1024 and 4096.
+On a CPU: the 'sdpa' path against the reference and causal SDPA at small sizes, and a tiny model.
+
+Times are medians (triton.testing.do_bench on a GPU). TFLOP/s counts 4*B*H*T^2*D/2 for a causal
+forward and 2.5x that for the backward; "x SDPA" is SDPA-causal's time over the row's (above 1 is faster).
+B*T is fixed, so memory linear in T shows as a peak-memory column that stays flat as T grows.
+"""
+
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from configurator import configure
+from model import GPT, GPTConfig, PRESETS, alibi_slopes, gpu_peak_flops, log_pseudo_mass, stablemask_reference, stablemask_sdpa
+
+# -----------------------------------------------------------------------------
+quick = False  # a smaller table: one head dim and dtype, two lengths
+tokens = 16384  # B * T of the attention inputs (on a GPU)
+width = 2048  # H * D of the attention inputs (on a GPU)
+model_preset = '160M'  # the whole-model benchmark on a GPU ('tiny' on a CPU)
+seed = 0
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+cuda = torch.cuda.is_available()
+device = 'cuda' if cuda else 'cpu'
+
+
+def time_ms(fn):
+    """Median milliseconds of fn()."""
+    if cuda:
+        import triton.testing
+        warmup, rep = (10, 30) if quick else (25, 100)
+        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode='median')
+    fn()
+    times = []
+    for _ in range(5 if quick else 10):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def flex_stablemask(q, k, v, gamma):
+    """StableMask with FlexAttention, exactly: one extra key (index T) of value 0 whose score in row i is
+    log S_i, beside a causal block mask; flex's own backward then applies. (The other exact way, flex's
+    causal output corrected by its log-sum-exp, needs a gradient through the log-sum-exp.)"""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    B, H, T, D = q.shape
+    log_mass = log_pseudo_mass(gamma.to(q.device), torch.arange(T, device=q.device), T)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.where(kv_idx == T, log_mass[h, q_idx].to(score.dtype), score)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) | (kv_idx == T)
+    block_mask = create_block_mask(mask_mod, None, None, T, T + 1, device=q.device)
+    attend = _compiled_flex() if q.is_cuda else flex_attention
+    pad = lambda t: F.pad(t, (0, 0, 0, 1))
+    return attend(q, pad(k), pad(v), score_mod=score_mod, block_mask=block_mask)
+
+
+_flex = None
+
+
+def _compiled_flex():
+    global _flex
+    if _flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _flex = torch.compile(flex_attention, dynamic=False)
+    return _flex
+
+
+def sdpa_causal(backend=None):
+    def attend(q, k, v):
+        from torch.nn.attention import sdpa_kernel
+        with sdpa_kernel(backend) if backend is not None else nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return attend
+
+
+def implementations(gamma):
+    """name -> attention(q, k, v); the first is the baseline the ratios are taken against."""
+    if not cuda:
+        return {'SDPA causal': sdpa_causal(), 'sdpa StableMask (ours)': lambda q, k, v: stablemask_sdpa(q, k, v, gamma),
+                'reference StableMask': lambda q, k, v: stablemask_reference(q, k, v, gamma)}
+    from torch.nn.attention import SDPBackend
+    from stablemask_kernel import stablemask_attention
+    return {'SDPA causal, flash': sdpa_causal(SDPBackend.FLASH_ATTENTION),
+            'SDPA causal, cuDNN': sdpa_causal(SDPBackend.CUDNN_ATTENTION),
+            'Triton StableMask (ours)': lambda q, k, v: stablemask_attention(q, k, v, gamma),
+            'sdpa StableMask (ours)': lambda q, k, v: stablemask_sdpa(q, k, v, gamma),
+            'Flex StableMask': lambda q, k, v: flex_stablemask(q, k, v, gamma),
+            'reference StableMask': lambda q, k, v: stablemask_reference(q, k, v, gamma)}
+
+
+def measure_attention(attend, B, H, T, D, dtype):
+    """(fwd ms, bwd ms, fwd+bwd ms, peak MiB of fwd+bwd beyond the inputs), or a string saying why not."""
+    q, k, v, do = (torch.randn(B, H, T, D, device=device, dtype=dtype) for _ in range(4))
+    try:
+        with torch.no_grad():
+            attend(q, k, v)  # compiling and autotuning happen here, not in the timings
+            fwd = time_ms(lambda: attend(q, k, v))
+        for t in (q, k, v):
+            t.requires_grad_()
+        torch.autograd.grad(attend(q, k, v), (q, k, v), do)
+        out = attend(q, k, v)
+        bwd = time_ms(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
+        del out
+        both = time_ms(lambda: torch.autograd.grad(attend(q, k, v), (q, k, v), do))
+        memory = None
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            torch.autograd.grad(attend(q, k, v), (q, k, v), do)
+            memory = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        return fwd, bwd, both, memory
+    except torch.cuda.OutOfMemoryError:
+        return 'out of memory'
+    except Exception as e:  # a backend this GPU or this torch lacks (cuDNN attention, say)
+        return f"failed: {type(e).__name__}"
+    finally:
+        del q, k, v, do
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def attention_table(D, dtype, lengths):
+    H = width // D if cuda else 4
+    gamma = alibi_slopes(H).to(device)
+    impls = implementations(gamma)
+    gave_up = set()
+    print(f"\n### Attention, head dim {D}, {str(dtype).removeprefix('torch.')}, {H} heads, B*T = {tokens if cuda else 'B=2'}\n")
+    print("| T | implementation | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | x SDPA | peak MiB |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for T in lengths:
+        B = max(1, tokens // T) if cuda else 2
+        flops = 3.5 * 4 * B * H * T * T * D / 2
+        baseline = None
+        for name, attend in impls.items():
+            if name in gave_up:
+                continue
+            result = measure_attention(attend, B, H, T, D, dtype)
+            if isinstance(result, str):
+                gave_up.add(name)  # out of memory: longer sequences will not fit either
+                print(f"| {T} | {name} | {result} | | | | | |")
+                continue
+            fwd, bwd, both, memory = result
+            baseline = baseline or both
+            mem = f"{memory:,.0f}" if memory is not None else '-'
+            print(f"| {T} | {name} | {fwd:.3f} | {bwd:.3f} | {both:.3f} | {flops / both / 1e9:.3g} | {baseline / both:.2f} | {mem} |")
+            sys.stdout.flush()
+
+
+def model_table(preset, runs):
+    """Training tokens/s of a whole model (forward, backward, AdamW step), StableMask against causal."""
+    peak = gpu_peak_flops(device)
+    autocast = torch.amp.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
+    print(f"\n### Training the {preset} model ({'bf16 autocast, ' if cuda else ''}AdamW)\n")
+    print("| T | batch | attention | tokens/s | MFU | x causal |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: |")
+    for T, batch in runs:
+        baseline = None
+        variants = [('causal', 'sdpa'), ('stablemask', 'triton' if cuda else 'reference'), ('stablemask', 'sdpa')]
+        for mask, impl in variants:
+            model = GPT(GPTConfig(**PRESETS[preset], block_size=T, attn_mask=mask, attn_impl=impl)).to(device)
+            optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.98), device)
+            x = torch.randint(0, model.config.vocab_size, (batch, T), device=device)
+
+            def step():
+                with autocast:
+                    loss = model(x, x)[1]
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            ms = time_ms(step)
+            tokens_per_sec = batch * T / ms * 1e3
+            baseline = baseline or tokens_per_sec
+            mfu = f"{100 * model.estimate_mfu(tokens_per_sec, T, peak):.1f}%" if peak else '-'
+            print(f"| {T} | {batch} | {mask} ({impl}) | {tokens_per_sec:,.0f} | {mfu} | {tokens_per_sec / baseline:.2f} |")
+            sys.stdout.flush()
+            del model, optimizer
+            if cuda:
+                torch.cuda.empty_cache()
+
+
+if __name__ == '__main__':
+    try:
+        globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))
+    except ValueError as e:
+        sys.exit(f"bench.py: error: {e}")
+    torch.manual_seed(seed)
+    if cuda:
+        import triton
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+        lengths = [1024, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384]
+        for D, dtype in [(128, torch.bfloat16)] if quick else [(64, torch.bfloat16), (128, torch.bfloat16), (64, torch.float16), (128, torch.float16)]:
+            attention_table(D, dtype, lengths)
+        model_table(model_preset, [(1024, 8)] if quick else [(1024, 16), (4096, 4)])
+    else:
+        print(f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")
+        attention_table(64, torch.float32, [256, 512] if quick else [256, 512, 1024, 2048])
+        model_table('tiny', [(256, 4)] if quick else [(256, 8), (1024, 2)])
