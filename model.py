@@ -390,18 +390,6 @@ class GPT(nn.Module):
         """Model FLOPs utilisation: achieved FLOP/s over the hardware's peak."""
         return self.flops_per_token(T) * tokens_per_sec / peak_flops
 
-
-# dense bf16/fp16 tensor-core peaks in FLOP/s; the first name found in the GPU's name wins
-GPU_PEAK_FLOPS = {'H200': 989e12, 'H100 PCIe': 756e12, 'H100': 989e12, 'A100': 312e12}
-
-
-def gpu_peak_flops(device):
-    """The bf16 peak of the GPU `device`, for MFU; None for a CPU or a GPU not in the table."""
-    if torch.device(device).type != 'cuda':
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
-
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
         """Yield max_new_tokens next tokens, each (B, 1), continuing idx (B, T). temperature 0 is greedy.
@@ -426,6 +414,18 @@ def gpu_peak_flops(device):
         """idx (B, T) continued by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
         steps = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, use_cache))
         return torch.cat([idx, *steps], dim=1)
+
+
+# dense bf16/fp16 tensor-core peaks in FLOP/s; the first name found in the GPU's name wins
+GPU_PEAK_FLOPS = {'H200': 989e12, 'H100 PCIe': 756e12, 'H100': 989e12, 'A100': 312e12}
+
+
+def gpu_peak_flops(device):
+    """The bf16 peak of the GPU `device`, for MFU; None for a CPU or a GPU not in the table."""
+    if torch.device(device).type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
