@@ -48,12 +48,13 @@ def log_pseudo_mass(gamma, rows, pseudo_len):
     return torch.where(g > 0, decaying, torch.log(count))  # g = 0: every pseudo score is 0
 
 
-def stablemask_reference(q, k, v, gamma, alibi=None, pseudo_len=None):
-    """StableMask attention written as the paper's Eq. 11, to be read, not to be fast.
-    q (B, H, Tq, D) are the last Tq of the T positions of k, v (B, H, T, D) (Tq = T in training,
-    Tq < T when decoding with a KV cache). gamma (H,) is the pseudo-score decay, or None for plain
-    causal attention; alibi (H,) ALiBi slopes or None; pseudo_len the length the pseudo mass extends
-    to (default T; the training block size under SM-I). Returns (B, H, Tq, D) in q's dtype."""
+def stablemask_weights(q, k, gamma, alibi=None, pseudo_len=None):
+    """The attention weights of the paper's Eq. 11, written to be read, not to be fast.
+    q (B, H, Tq, D) are the last Tq of the T positions of k (B, H, T, D) (Tq = T in training, Tq < T
+    when decoding with a KV cache). gamma (H,) is the pseudo-score decay, or None for plain causal
+    attention; alibi (H,) ALiBi slopes or None; pseudo_len the length the pseudo mass extends to
+    (default T; the training block size under SM-I). Returns W (B, H, Tq, T), float32 (float64 for
+    float64 inputs); row i sums to R_i / (R_i + S_i), the rest being the pseudo-attention mass."""
     Tq, T = q.size(-2), k.size(-2)
     N = T if pseudo_len is None else pseudo_len
     dtype = torch.promote_types(q.dtype, torch.float32)
@@ -70,7 +71,14 @@ def stablemask_reference(q, k, v, gamma, alibi=None, pseudo_len=None):
         P = torch.where(j > i, -j * gamma.to(dtype).view(-1, 1, 1), 0.0)  # Eq. 10: P[i,j] = -j*gamma
         P = P.masked_fill((j > i) & (j >= N), -math.inf)  # no pseudo column at or beyond N
     W = torch.softmax(A * C + P, dim=-1) * C  # Eq. 11: softmax over all columns, THEN zero the future
-    return (W[..., :T] @ v.to(dtype)).to(q.dtype)
+    return W[..., :T]
+
+
+def stablemask_reference(q, k, v, gamma, alibi=None, pseudo_len=None):
+    """StableMask attention, O = W V with W from stablemask_weights (Eq. 11). v (B, H, T, D);
+    returns (B, H, Tq, D) in q's dtype."""
+    W = stablemask_weights(q, k, gamma, alibi, pseudo_len)
+    return (W @ v.to(W.dtype)).to(q.dtype)
 
 
 def alibi_bias(alibi, Tq, T, dtype):

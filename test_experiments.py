@@ -1,0 +1,81 @@
+"""Small versions of the paper's experiments run and give sane numbers (not a test of the paper's claims)."""
+
+import re
+
+import pytest
+import torch
+
+from conftest import run_script
+from experiments import sliding_window_attention
+from model import alibi_slopes, stablemask_reference
+
+
+def table_rows(out):
+    """The body rows of the markdown tables in out, as lists of cells."""
+    return [[c.strip() for c in line.strip('|').split('|')] for line in out.splitlines()
+            if line.startswith('|') and not line.startswith('| ---') and '---' not in line]
+
+
+@pytest.mark.parametrize('gamma,alibi', [(None, None), ('slopes', None), ('slopes', 'slopes'), (0.0, None)])
+def test_sliding_window_attention(gamma, alibi):
+    """Each query sees the last `window` keys as a sequence of its own, of which it is the last row."""
+    H, T, window = 3, 20, 6
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, H, T, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    gamma = alibi_slopes(H).double() if gamma == 'slopes' else None if gamma is None else torch.full((H,), gamma, dtype=torch.float64)
+    alibi = alibi_slopes(H).double() if alibi else None
+    out = sliding_window_attention(window)(q, k, v, gamma, alibi, None)
+    for t in range(T):
+        s = max(0, t - window + 1)
+        expected = stablemask_reference(q[:, :, t:t + 1], k[:, :, s:t + 1], v[:, :, s:t + 1], gamma, alibi, pseudo_len=window)
+        torch.testing.assert_close(out[:, :, t:t + 1], expected)
+    wide = sliding_window_attention(T)(q, k, v, gamma, alibi, None)  # a window as long as the sequence: no window at all
+    torch.testing.assert_close(wide, stablemask_reference(q, k, v, gamma, alibi))
+
+
+def test_position(tmp_path):
+    out = run_script('experiments.py', 'position', '--steps=5', cwd=tmp_path).stdout
+    rows = table_rows(out)[1:]
+    assert len(rows) == 8 and {r[0] for r in rows} == {'rope', 'alibi', 'none', 'learned'}
+    assert all(0 <= float(c) <= 100 for r in rows for c in r[2:])
+
+
+def test_sinks(tmp_path):
+    out = run_script('experiments.py', 'sinks', '--steps=5', '--plot=False', cwd=tmp_path).stdout
+    by_layer = [r for r in table_rows(out) if r[0].isdigit()]
+    assert len(by_layer) == 4
+    for layer, first_c, first_s, punct_c, punct_s, pseudo_c, pseudo_s in by_layer:
+        assert float(pseudo_c) == 0.0 < float(pseudo_s) < 100  # causal attention has no pseudo mass
+        assert all(0 <= float(x) <= 100 for x in (first_c, first_s, punct_c, punct_s))
+    assert (tmp_path / 'out-experiments' / 'data' / 'pydoc_char' / 'meta.json').exists()
+
+
+def test_extrapolation(tmp_path):
+    out = run_script('experiments.py', 'extrapolation', '--steps=5', '--seeds=1', '--plot=False', cwd=tmp_path).stdout
+    rows = [r for r in table_rows(out) if ',' in r[0]]
+    assert [r[0] for r in rows] == ['rope, causal', 'rope, stablemask', 'alibi, causal', 'alibi, stablemask']
+    for name, full1, full2, full4, window1, window2, window4 in rows:
+        assert full1 == window1  # at the training length the window holds everything: the model's own attention
+        assert all(0 < float(x) < 10 for x in (full1, full2, full4, window2, window4))
+
+
+def test_lm(tmp_path, shakespeare_txt):
+    out = run_script('experiments.py', 'lm', '--steps=5', '--seeds=2', '--tokenizers=char', '--plot=False',
+                     f'--shakespeare={shakespeare_txt}', cwd=tmp_path).stdout
+    rows = [r for r in table_rows(out) if r[0] == 'char']
+    assert len(rows) == 5 and sum('gamma = 0' in r[2] for r in rows) == 1
+    for tokenizer, positions, attention, loss, delta, ppl in rows:
+        mean, spread = map(float, re.match(r'([\d.]+) ± ([\d.]+)', loss).groups())
+        assert 0 < mean < 5 and spread >= 0  # 65 characters: a loss near log(65) = 4.2 or below
+        assert (delta == '+0.000') == (attention == 'causal')
+
+
+def test_figures(tmp_path):
+    pytest.importorskip('matplotlib')
+    run_script('experiments.py', 'sinks', '--steps=2', cwd=tmp_path)
+    assert (tmp_path / 'out-experiments' / 'sinks_heads.png').stat().st_size > 10_000
+
+
+def test_unknown_experiment(tmp_path):
+    result = run_script('experiments.py', 'magic', cwd=tmp_path, expect_ok=False)
+    assert result.returncode == 1 and 'name an experiment' in result.stderr
