@@ -150,9 +150,10 @@ class StableMaskSDPA(torch.autograd.Function):
 
 def stablemask_sdpa(q, k, v, gamma, alibi=None, pseudo_len=None):
     """StableMask attention on PyTorch's fused kernels, the same function as stablemask_reference.
-    Tq must be T (training, prefill) or 1 (a decode step); other shapes go to the reference."""
+    Tq must be T (training, prefill) or 1 (a decode step), on a CPU or a CUDA GPU; anything else goes
+    to the reference."""
     Tq, T = q.size(-2), k.size(-2)
-    if Tq not in (T, 1):
+    if Tq not in (T, 1) or q.device.type not in ('cpu', 'cuda'):
         return stablemask_reference(q, k, v, gamma, alibi, pseudo_len)
     bias = None if alibi is None else alibi_bias(alibi, Tq, T, q.dtype)
     if gamma is None:  # the causal baseline needs no correction
@@ -408,11 +409,12 @@ class GPT(nn.Module):
         window = N if self.config.pos_enc == 'learned' else None
         cache = None
         for _ in range(max_new_tokens):
-            if use_cache and cache is not None and (window is None or cache.pos < window):
-                logits, _ = self(idx[:, -1:], pseudo_len=N, kv_cache=cache)
-            else:
+            if cache is not None and (window is None or cache.pos < window):
+                logits, _ = self(idx[:, -1:], pseudo_len=N, kv_cache=cache)  # one new token through the cache
+            else:  # the first step; every step without the cache; learned positions past block_size
                 context = idx if window is None else idx[:, -window:]
-                cache = KVCache(self.config.n_layer, context.size(1) + max_new_tokens) if use_cache else None
+                cacheable = use_cache and (window is None or context.size(1) < window)
+                cache = KVCache(self.config.n_layer, context.size(1) + max_new_tokens) if cacheable else None
                 logits, _ = self(context, pseudo_len=N, kv_cache=cache)
             idx_next = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p)
             idx = torch.cat((idx, idx_next), dim=1)

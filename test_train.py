@@ -110,6 +110,29 @@ def test_folder_input(tmp_path):
     assert decode(meta, ids) == '\n'.join(['first file\n' * 20, 'second file\n' * 20, 'nested ünïcode\n' * 20])
 
 
+def test_wikitext103_from_a_local_copy(tmp_path):
+    """The paper's dataset keeps its own train and validation splits, from the zip or its folder."""
+    import zipfile
+    texts = {'train': ' = Valkyria = \n The game began in 2010 .\n' * 40, 'valid': ' = Tower = \n It stands .\n' * 10}
+    archive = tmp_path / 'wikitext-103-raw-v1.zip'
+    with zipfile.ZipFile(archive, 'w') as z:
+        for split, text in texts.items():
+            z.writestr(f'wikitext-103-raw/wiki.{split}.raw', text)
+        z.writestr('wikitext-103-raw/wiki.test.raw', 'unused')
+    zipfile.ZipFile(archive).extractall(tmp_path)
+    for source in (archive, tmp_path / 'wikitext-103-raw'):
+        dest, meta = prepare('wikitext103', [str(source)], 'char', None, out_dir=str(tmp_path / 'data'))
+        assert dest.endswith('wikitext103_char')
+        for split, name in (('train', 'train'), ('val', 'valid')):
+            ids = np.fromfile(os.path.join(dest, f'{split}.bin'), dtype=meta['dtype'])
+            assert decode(meta, ids) == texts[name]
+    broken = tmp_path / 'broken.zip'
+    with zipfile.ZipFile(broken, 'w') as z:
+        z.writestr('wiki.train.raw', 'only a training split')
+    with pytest.raises(PrepareError, match='no wiki.valid.raw'):
+        prepare('wikitext103', [str(broken)], 'char', 'broken', out_dir=str(tmp_path / 'data'))
+
+
 @pytest.mark.parametrize('args,message', [
     (['--input', 'missing.txt'], 'missing.txt: no such file'),
     (['--input', 'empty.txt'], 'no text'),

@@ -130,6 +130,8 @@ def read_meta(data_dir):
             meta = json.load(f)
     except (OSError, ValueError):
         fail(f"no dataset at {data_dir} (no readable meta.json): make one with prepare_data.py")
+    if not {'train_tokens', 'val_tokens', 'dtype', 'vocab_size', 'tokenizer'} <= meta.keys():
+        fail(f"{data_dir}/meta.json was not written by prepare_data.py: rerun it")
     for split in ('train', 'val'):
         path = os.path.join(data_dir, f"{split}.bin")
         expected = meta[f"{split}_tokens"] * np.dtype(meta['dtype']).itemsize
