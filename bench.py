@@ -120,7 +120,7 @@ def measure_attention(attend, B, H, T, D, dtype):
         torch.autograd.grad(attend(q, k, v), (q, k, v), do)
         out = attend(q, k, v)
         bwd = time_ms(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
-        del out
+        out = None  # frees the graph kept for the backward timing
         both = time_ms(lambda: torch.autograd.grad(attend(q, k, v), (q, k, v), do))
         memory = None
         if cuda:
@@ -135,7 +135,6 @@ def measure_attention(attend, B, H, T, D, dtype):
     except Exception as e:  # a backend this GPU or this torch lacks (cuDNN attention, say)
         return f"failed: {type(e).__name__}"
     finally:
-        del q, k, v, do
         if cuda:
             torch.cuda.empty_cache()
 
@@ -196,9 +195,6 @@ def model_table(preset, runs):
             mfu = f"{100 * model.estimate_mfu(tokens_per_sec, T, peak):.1f}%" if peak else '-'
             print(f"| {T} | {batch} | {mask} ({impl}) | {tokens_per_sec:,.0f} | {mfu} | {tokens_per_sec / baseline:.2f} |")
             sys.stdout.flush()
-            del model, optimizer
-            if cuda:
-                torch.cuda.empty_cache()
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ below are overridden with --key=value: --steps=2000 --seeds=5 for larger runs. E
 its seed. The models train in-process with AdamW (betas 0.9, 0.98), warmup, cosine decay, clipping 1.
 """
 
+import json
 import math
 import os
 import string
@@ -101,7 +102,6 @@ def token_data(source, tokenizer, inputs=()):
     folder = os.path.join(out_dir, 'data', name)
     if not os.path.exists(os.path.join(folder, 'meta.json')):
         prepare(source, list(inputs), tokenizer, name, out_dir=os.path.join(out_dir, 'data'))
-    import json
     with open(os.path.join(folder, 'meta.json')) as f:
         meta = json.load(f)
     split = lambda s: torch.from_numpy(np.fromfile(os.path.join(folder, f"{s}.bin"), dtype=meta['dtype']).astype(np.int64))
@@ -236,7 +236,7 @@ def sinks():
     buckets = [(1, 4), (4, 16), (16, 64), (64, T)]
     rows = [[f"{a}-{b - 1}"] + [f"{100 * stats[m][key][:, a:b].mean():.1f}" for key in ('first', 'pseudo') for m in ('causal', 'stablemask')]
             for a, b in buckets]
-    print(f"\nShare of attention (%) by query position, mean over layers\n")
+    print("\nShare of attention (%) by query position, mean over layers\n")
     print(table(['query positions', 'first token, causal', 'first token, StableMask', 'pseudo, causal', 'pseudo, StableMask'], rows))
     plt = pyplot()
     if plt:

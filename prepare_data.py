@@ -14,7 +14,6 @@ TIKTOKEN_CACHE_DIR), and 'char', one token per character of the text.
 """
 
 import argparse
-import io
 import json
 import os
 import sys

@@ -9,7 +9,6 @@ had at the training length, so a cached step computes exactly what a full forwar
 """
 
 import codecs
-import os
 import sys
 from contextlib import nullcontext
 

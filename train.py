@@ -323,4 +323,5 @@ if master and not eval_only and iter_num != saved_at:
 if master and stopping:
     print(f"stopped by a signal at step {iter_num}; saved {out_dir}/ckpt.pt (continue with --init_from=resume)")
 if ddp:
+    dist.barrier()  # the others wait for rank 0's last evaluation and save; gloo can abort on a peer's early exit
     dist.destroy_process_group()
