@@ -10,6 +10,8 @@ nanoGPT's exec, a key the script does not have, or a value of the wrong type, is
 """
 
 import ast
+import os
+import sys
 import types
 
 
@@ -42,6 +44,21 @@ def _parse(text):
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+
+
+def configure_script(namespace, argv, nullable=(), choices=None):
+    """Apply argv to a script's settings: the plain values (numbers, strings, True/False, None) among
+    its globals() so far. Bad input ends the script with one line. Returns the settings as a dict."""
+    settings = {k: v for k, v in namespace.items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+    try:
+        config = configure(settings, argv, nullable)
+        for key, allowed in (choices or {}).items():
+            if config[key] not in allowed:
+                raise ValueError(f"{key}={config[key]!r}: expected one of {', '.join(allowed)}")
+    except ValueError as e:
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+    namespace.update(config)
+    return config
 
 
 def configure(defaults, argv, nullable=()):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import model as model_module
-from configurator import configure
+from configurator import configure_script
 from model import GPT, GPTConfig, log_pseudo_mass, stablemask_weights
 from prepare_data import PrepareError, prepare
 
@@ -35,7 +35,8 @@ plot = True  # save figures (needs matplotlib)
 shakespeare = ''  # lm: a local Tiny Shakespeare (downloaded when empty)
 tokenizers = 'char,gpt2'  # lm
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+if __name__ == '__main__':  # imported (the tests do), it keeps its defaults
+    configure_script(globals(), sys.argv[2:])
 EXPERIMENTS = ('position', 'sinks', 'extrapolation', 'lm')
 
 
@@ -382,10 +383,6 @@ def lm():
 if __name__ == '__main__':
     if len(sys.argv) < 2 or sys.argv[1] not in EXPERIMENTS:
         sys.exit(f"experiments.py: error: name an experiment: {', '.join(EXPERIMENTS)} (then --key=value settings)")
-    try:
-        globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[2:]))
-    except ValueError as e:
-        sys.exit(f"experiments.py: error: {e}")
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     os.makedirs(out_dir, exist_ok=True)

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 
 import torch
 
-from configurator import configure
+from configurator import configure_script
 from model import load_checkpoint, model_from_checkpoint
 from prepare_data import PrepareError, tokenizer_from_meta
 
@@ -35,16 +35,14 @@ compile = False
 # -----------------------------------------------------------------------------
 
 
+configure_script(globals(), sys.argv[1:], nullable=('top_k',), choices=dict(dtype=('auto', 'float32', 'bfloat16', 'float16')))
+
+
 def fail(message):
     print(f"sample.py: error: {message}", file=sys.stderr)
     sys.exit(1)
 
 
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
-try:
-    globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:], nullable=('top_k',)))
-except ValueError as e:
-    fail(e)
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'

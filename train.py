@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from configurator import configure
+from configurator import configure_script
 from model import GPT, GPTConfig, gpu_peak_flops, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -81,16 +81,8 @@ def fail(message):
     sys.exit(1)
 
 
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
-try:
-    config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:])
-except ValueError as e:
-    fail(e)
-globals().update(config)
-for key, allowed in dict(lr_schedule=('cosine', 'linear', 'constant'), dtype=('auto', 'float32', 'bfloat16', 'float16'),
-                         backend=('auto', 'nccl', 'gloo')).items():
-    if config[key] not in allowed:
-        fail(f"{key}={config[key]!r}: expected one of {', '.join(allowed)}")
+config = configure_script(globals(), sys.argv[1:], choices=dict(
+    lr_schedule=('cosine', 'linear', 'constant'), dtype=('auto', 'float32', 'bfloat16', 'float16'), backend=('auto', 'nccl', 'gloo')))
 
 # processes: DDP when torchrun set RANK
 ddp = 'RANK' in os.environ
