@@ -137,7 +137,7 @@ def gpt2_encoding():
         return tiktoken.get_encoding('r50k_base')  # GPT-2's BPE vocabulary, from one cacheable file
     except Exception as e:  # tiktoken raises whatever its download raised
         raise PrepareError(f"cannot load the GPT-2 BPE (tiktoken r50k_base: {type(e).__name__}); offline, "
-                           "set TIKTOKEN_CACHE_DIR to a folder that holds it, or use --tokenizer=char") from None
+                           "set TIKTOKEN_CACHE_DIR to a folder that holds it") from None
 
 
 def tokenizer_from_meta(meta):

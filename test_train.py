@@ -108,6 +108,9 @@ def test_folder_input(tmp_path):
     assert 'data/notes_char' in result.stdout
     meta, ids = load_tokens(tmp_path / 'data' / 'notes_char')
     assert decode(meta, ids) == '\n'.join(['first file\n' * 20, 'second file\n' * 20, 'nested ünïcode\n' * 20])
+    # named like the text folder it came from: --dataset=notes means data/notes, not ./notes
+    run_script('prepare_data.py', '--input', corpus, '--tokenizer=char', '--name=notes', cwd=tmp_path)
+    run_script('train.py', '--dataset=notes', *TINY, '--block_size=16', '--max_iters=1', '--out_dir=out-notes', cwd=tmp_path)
 
 
 def test_wikitext103_from_a_local_copy(tmp_path):

@@ -112,7 +112,8 @@ torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
 # data
-data_dir = dataset if os.path.isdir(dataset) else os.path.join('data', dataset)
+# a folder that holds a meta.json, or a name under data/ (not your raw text folder of the same name)
+data_dir = dataset if os.path.isfile(os.path.join(dataset, 'meta.json')) else os.path.join('data', dataset)
 
 
 def read_meta(data_dir):
