@@ -27,11 +27,19 @@ def test_quick_bench_prints_both_tables(tmp_path):
 
 
 @pytest.mark.filterwarnings('ignore:.*flex_attention called without torch.compile')
-def test_flex_stablemask_forward_matches_the_reference():
-    """FlexAttention's backward needs a GPU; its forward runs (eagerly) here."""
+def test_flex_stablemask_forward_matches_the_reference(monkeypatch):
+    """FlexAttention's backward needs a GPU; its forward runs (eagerly) here. Its block mask is built
+    once per length, not inside every timed call."""
+    import torch.nn.attention.flex_attention as flex
+    built = []
+    make = flex.create_block_mask
+    monkeypatch.setattr(flex, 'create_block_mask', lambda *a, **kw: built.append(a[3]) or make(*a, **kw))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 37, 16, generator=g) for _ in range(3))
     gamma = alibi_slopes(3)
-    out = flex_stablemask(q, k, v, gamma)
+    attend = flex_stablemask(gamma)
+    out = attend(q, k, v)
     ref = stablemask_reference(q.double(), k.double(), v.double(), gamma.double())
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+    torch.testing.assert_close(attend(q, k, v), out)
+    assert built == [37]
