@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -424,6 +425,16 @@ class GPT(nn.Module):
         """idx (B, T) continued by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
         steps = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, use_cache))
         return torch.cat([idx, *steps], dim=1)
+
+
+def autocast_for(device_type, dtype):
+    """The run's dtype name and its autocast context. dtype: 'float32', 'bfloat16', 'float16', or
+    'auto': float32 on a CPU, bfloat16 on GPUs that have it, float16 on older ones."""
+    if dtype == 'auto':
+        dtype = 'float32' if device_type == 'cpu' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    if dtype == 'float32':
+        return dtype, nullcontext()
+    return dtype, torch.amp.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
 # dense bf16/fp16 tensor-core peaks in FLOP/s; the first name found in the GPU's name wins

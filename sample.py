@@ -10,12 +10,11 @@ had at the training length, so a cached step computes exactly what a full forwar
 
 import codecs
 import sys
-from contextlib import nullcontext
 
 import torch
 
 from configurator import configure_script
-from model import load_checkpoint, model_from_checkpoint
+from model import autocast_for, load_checkpoint, model_from_checkpoint
 from prepare_data import PrepareError, tokenizer_from_meta
 
 # -----------------------------------------------------------------------------
@@ -46,10 +45,7 @@ def fail(message):
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if dtype == 'auto':
-    dtype = 'float32' if device_type == 'cpu' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-autocast = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+dtype, autocast = autocast_for(device_type, dtype)
 torch.manual_seed(seed)
 
 try:

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from configurator import configure_script
-from model import GPT, GPTConfig, gpu_peak_flops, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, autocast_for, gpu_peak_flops, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -103,10 +103,7 @@ else:
     rank, world_size = 0, 1
 master = rank == 0
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
-if dtype == 'auto':
-    dtype = 'float32' if device_type == 'cpu' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-autocast = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+dtype, autocast = autocast_for(device_type, dtype)
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
