@@ -36,7 +36,7 @@ model_preset = '160M'  # the whole-model benchmark on a GPU ('tiny' on a CPU)
 seed = 0
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':  # imported (the tests do), it keeps its defaults
-    configure_script(globals(), sys.argv[1:])
+    configure_script(globals(), sys.argv[1:], rules=dict(tokens='>0', width='>0', model_preset=tuple(PRESETS)))
 cuda = torch.cuda.is_available()
 device = 'cuda' if cuda else 'cpu'
 
