@@ -23,21 +23,23 @@ import torch
 
 import model as model_module
 from configurator import configure_script
-from model import GPT, GPTConfig, log_pseudo_mass, stablemask_weights
+from model import GPT, GPTConfig, resolve_device, stablemask_weights
 from prepare_data import PrepareError, prepare
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-experiments'  # figures, and the tokenized data
 seeds = 0  # runs per setting (seeds 0, 1, ...); 0: each experiment's default
 steps = 0  # training steps per run; 0: each experiment's default
-device = 'auto'
+device = 'auto'  # 'cpu', 'cuda', ...; auto: a GPU if there is one
 plot = True  # save figures (needs matplotlib)
 shakespeare = ''  # lm: a local Tiny Shakespeare (downloaded when empty)
 tokenizers = 'char,gpt2'  # lm
 # -----------------------------------------------------------------------------
-if __name__ == '__main__':  # imported (the tests do), it keeps its defaults
-    configure_script(globals(), sys.argv[2:])
 EXPERIMENTS = ('position', 'sinks', 'extrapolation', 'lm')
+if __name__ == '__main__':  # imported (the tests do), it keeps its defaults
+    named = len(sys.argv) > 1 and sys.argv[1] in EXPERIMENTS
+    configure_script(globals(), sys.argv[2:] if named else [a for a in sys.argv[1:] if a in ('-h', '--help')],
+                     rules=dict(seeds='>=0', steps='>=0'))
 
 
 def train(model, batch, n_steps, lr, warmup=50):
@@ -120,13 +122,14 @@ def lm_batches(data, batch_size, T, seed):
 
 
 @torch.no_grad()
-def lm_loss(model, data, T, n_batches=8, batch_size=16, pseudo_len=None):
-    """Mean validation loss over fixed windows of length T."""
+def lm_loss(model, data, T, n_batches=8, batch_size=16, pseudo_len=None, window=None):
+    """Mean validation loss over fixed stretches of T tokens; window: each token sees only the last
+    `window` (the attention of generation past block_size, model.GPT.generate_tokens)."""
     batch = lm_batches(data, batch_size, T, seed=10 ** 6)
     total = 0.0
     for k in range(n_batches):
         x, y = batch(k)
-        total += model(x, y, pseudo_len=pseudo_len)[1].item()
+        total += model(x, y, pseudo_len=pseudo_len, window=window)[1].item()
     return total / n_batches
 
 
@@ -134,7 +137,7 @@ def lm_loss(model, data, T, n_batches=8, batch_size=16, pseudo_len=None):
 def attention_replaced_by(fn):
     """Run every attention layer of the model through fn(q, k, v, gamma, alibi, pseudo_len)."""
     original = model_module.attend
-    model_module.attend = lambda q, k, v, gamma, alibi, pseudo_len, impl: fn(q, k, v, gamma, alibi, pseudo_len)
+    model_module.attend = lambda q, k, v, gamma, alibi, pseudo_len, impl, window=None: fn(q, k, v, gamma, alibi, pseudo_len)
     try:
         yield
     finally:
@@ -263,31 +266,11 @@ def sinks():
 # 3. extrapolation (paper section 5.3)
 
 
-def sliding_window_attention(window):
-    """StableMask (or causal) attention in which each query sees only the last `window` keys, as
-    with a KV cache of the training length that drops the oldest entry, keeping no sink tokens. In
-    the window a query sits at row min(i, window-1) of a length-`window` sequence, whose pseudo mass
-    it gets, as one extra key of value 0 (README, The method)."""
-    def attend(q, k, v, gamma, alibi, pseudo_len):
-        T = k.size(-2)
-        i = torch.arange(T, device=q.device)[:, None]
-        j = torch.arange(T, device=q.device)[None, :]
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        A = q.to(dtype) @ k.to(dtype).transpose(-2, -1) / math.sqrt(q.size(-1))
-        if alibi is not None:
-            A = A - alibi.to(dtype).view(-1, 1, 1) * (i - j)
-        A = A.masked_fill((j > i) | (j <= i - window), -math.inf)
-        rows = torch.arange(T, device=q.device).clamp(max=window - 1)
-        virtual = torch.full((q.size(1), T), -math.inf) if gamma is None else log_pseudo_mass(gamma, rows, window)
-        A = torch.cat([A, virtual.to(A)[None, :, :, None].expand(A.size(0), -1, -1, 1)], dim=-1)
-        return (torch.softmax(A, dim=-1)[..., :T] @ v.to(dtype)).to(q.dtype)
-    return attend
-
-
 def extrapolation():
     """Train at length N; evaluate at N, 2N and 4N with full attention (SM-I: pseudo_len = N) and with a
-    sliding window of N keys. The paper: under the window a causal RoPE model's loss blows up, having
-    learnt to lean on the first tokens, and StableMask's stays flat."""
+    sliding window of N keys, as a KV cache of the training length that drops its oldest entry and
+    keeps no sink tokens (what sample.py does past block_size). The paper: under the window a causal
+    RoPE model's loss blows up, having learnt to lean on the first tokens, and StableMask's stays flat."""
     N, n_steps, n_seeds = 64, steps or 300, seeds or 2
     train_ids, val_ids, meta = token_data('pydoc', 'char')
     lengths = (N, 2 * N, 4 * N)
@@ -301,8 +284,7 @@ def extrapolation():
                 train(model, lm_batches(train_ids, 16, N, seed), n_steps, lr=2e-3)
                 for L in lengths:
                     losses.setdefault(('full', L), []).append(lm_loss(model, val_ids, L, pseudo_len=N))
-                    with attention_replaced_by(sliding_window_attention(N)):
-                        losses.setdefault(('window', L), []).append(lm_loss(model, val_ids, L))
+                    losses.setdefault(('window', L), []).append(lm_loss(model, val_ids, L, pseudo_len=N, window=N))
             results[pos_enc, mask] = losses
     header = ['model'] + [f"{kind} {L // N}x" for kind in ('full', 'window') for L in lengths]
     rows = [[f"{pos_enc}, {mask}"] + [mean_std(results[pos_enc, mask][kind, L]) for kind in ('full', 'window') for L in lengths]
@@ -383,10 +365,9 @@ def lm():
 if __name__ == '__main__':
     if len(sys.argv) < 2 or sys.argv[1] not in EXPERIMENTS:
         sys.exit(f"experiments.py: error: name an experiment: {', '.join(EXPERIMENTS)} (then --key=value settings)")
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    os.makedirs(out_dir, exist_ok=True)
     try:
+        device = resolve_device(device)
+        os.makedirs(out_dir, exist_ok=True)
         globals()[sys.argv[1]]()
-    except PrepareError as e:
+    except (PrepareError, ValueError) as e:
         sys.exit(f"experiments.py: error: {e}")

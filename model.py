@@ -49,13 +49,15 @@ def log_pseudo_mass(gamma, rows, pseudo_len):
     return torch.where(g > 0, decaying, torch.log(count))  # g = 0: every pseudo score is 0
 
 
-def stablemask_weights(q, k, gamma, alibi=None, pseudo_len=None):
+def stablemask_weights(q, k, gamma, alibi=None, pseudo_len=None, window=None):
     """The attention weights of the paper's Eq. 11, written to be read, not to be fast.
     q (B, H, Tq, D) are the last Tq of the T positions of k (B, H, T, D) (Tq = T in training, Tq < T
     when decoding with a KV cache). gamma (H,) is the pseudo-score decay, or None for plain causal
     attention; alibi (H,) ALiBi slopes or None; pseudo_len the length the pseudo mass extends to
-    (default T; the training block size under SM-I). Returns W (B, H, Tq, T), float32 (float64 for
-    float64 inputs); row i sums to R_i / (R_i + S_i), the rest being the pseudo-attention mass."""
+    (default T; the training block size under SM-I); window: each row sees only its last `window`
+    keys (itself included), as with a KV cache that drops its oldest entry; None: every earlier key.
+    Returns W (B, H, Tq, T), float32 (float64 for float64 inputs); row i sums to R_i / (R_i + S_i),
+    the rest being the pseudo-attention mass.""" 
     Tq, T = q.size(-2), k.size(-2)
     N = T if pseudo_len is None else pseudo_len
     dtype = torch.promote_types(q.dtype, torch.float32)
@@ -71,26 +73,31 @@ def stablemask_weights(q, k, gamma, alibi=None, pseudo_len=None):
     else:
         P = torch.where(j > i, -j * gamma.to(dtype).view(-1, 1, 1), 0.0)  # Eq. 10: P[i,j] = -j*gamma
         P = P.masked_fill((j > i) & (j >= N), -math.inf)  # no pseudo column at or beyond N
-    W = torch.softmax(A * C + P, dim=-1) * C  # Eq. 11: softmax over all columns, THEN zero the future
+    scores = A * C + P
+    if window is not None:  # keys that have left the window are not in the row at all
+        scores = scores.masked_fill(j <= i - window, -math.inf)
+    W = torch.softmax(scores, dim=-1) * C  # Eq. 11: softmax over all columns, THEN zero the future
     return W[..., :T]
 
 
-def stablemask_reference(q, k, v, gamma, alibi=None, pseudo_len=None):
+def stablemask_reference(q, k, v, gamma, alibi=None, pseudo_len=None, window=None):
     """StableMask attention, O = W V with W from stablemask_weights (Eq. 11). v (B, H, T, D);
     returns (B, H, Tq, D) in q's dtype."""
-    W = stablemask_weights(q, k, gamma, alibi, pseudo_len)
+    W = stablemask_weights(q, k, gamma, alibi, pseudo_len, window)
     return (W @ v.to(W.dtype)).to(q.dtype)
 
 
-def alibi_bias(alibi, Tq, T, dtype):
-    """Additive ALiBi bias with the causal mask folded in, (1, H, Tq, T), for fused attention ops.
-    The queries are the last Tq of T positions. The rows are padded to a multiple of 16 elements
-    because the CUDA memory-efficient kernel needs aligned bias rows."""
-    i = torch.arange(T - Tq, T, device=alibi.device)[:, None]
-    j = torch.arange(T, device=alibi.device)[None, :]
-    bias = -alibi.view(-1, 1, 1).float() * (i - j)
-    bias = bias.masked_fill(j > i, -math.inf).to(dtype)
-    padded = torch.empty(1, bias.size(0), Tq, -(-T // 16) * 16, dtype=dtype, device=alibi.device)
+def attention_bias(alibi, window, Tq, T, dtype, device):
+    """Additive bias for fused attention ops, (1, H or 1, Tq, T): the causal mask, the keys a sliding
+    window has dropped (or no window: None), and ALiBi's bias (or none: alibi None). The queries are
+    the last Tq of T positions. The rows are padded to a multiple of 16 elements because the CUDA
+    memory-efficient kernel needs aligned bias rows."""
+    i = torch.arange(T - Tq, T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    bias = torch.zeros(1, Tq, T, device=device) if alibi is None else -alibi.view(-1, 1, 1).float() * (i - j)
+    hidden = (j > i) if window is None else (j > i) | (j <= i - window)
+    bias = bias.masked_fill(hidden, -math.inf).to(dtype)
+    padded = torch.empty(1, bias.size(0), Tq, -(-T // 16) * 16, dtype=dtype, device=device)
     padded[..., :T] = bias
     return padded[..., :T]
 
@@ -105,7 +112,7 @@ def _fused_forward(q, k, v, bias, causal):
     if bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.size(-1) % 8 == 0:
         out, lse, cu_q, cu_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)
         return out, lse, ('flash', cu_q, cu_k, max_q, max_k, seed, offset)
-    bias_b = None if bias is None else bias.expand(q.size(0), -1, -1, -1)
+    bias_b = None if bias is None else bias.expand(q.size(0), q.size(1), -1, -1)
     out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(q, k, v, bias_b, True, 0.0, causal)
     return out, lse, ('efficient', bias_b, seed, offset)
 
@@ -149,14 +156,16 @@ class StableMaskSDPA(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def stablemask_sdpa(q, k, v, gamma, alibi=None, pseudo_len=None):
+def stablemask_sdpa(q, k, v, gamma, alibi=None, pseudo_len=None, window=None):
     """StableMask attention on PyTorch's fused kernels, the same function as stablemask_reference.
     Tq must be T (training, prefill) or 1 (a decode step), on a CPU or a CUDA GPU; anything else goes
     to the reference."""
     Tq, T = q.size(-2), k.size(-2)
     if Tq not in (T, 1) or q.device.type not in ('cpu', 'cuda'):
-        return stablemask_reference(q, k, v, gamma, alibi, pseudo_len)
-    bias = None if alibi is None else alibi_bias(alibi, Tq, T, q.dtype)
+        return stablemask_reference(q, k, v, gamma, alibi, pseudo_len, window)
+    if window is not None and window >= T:
+        window = None  # it hides nothing
+    bias = None if alibi is None and window is None else attention_bias(alibi, window, Tq, T, q.dtype, q.device)
     if gamma is None:  # the causal baseline needs no correction
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and Tq > 1)
     rows = torch.arange(T - Tq, T, device=q.device)
@@ -164,16 +173,18 @@ def stablemask_sdpa(q, k, v, gamma, alibi=None, pseudo_len=None):
     return StableMaskSDPA.apply(q, k, v, log_mass, bias)
 
 
-def attend(q, k, v, gamma, alibi, pseudo_len, impl):
+def attend(q, k, v, gamma, alibi, pseudo_len, impl, window=None):
     """Dispatch to one of three implementations of the same function; see GPTConfig.attn_impl."""
     if impl == 'auto':
         impl = {'cuda': 'triton', 'cpu': 'sdpa'}.get(q.device.type, 'reference')
-    if impl == 'triton' and q.size(-2) == k.size(-2):  # the kernel does square attention; decode steps use sdpa
+    if window is not None and window >= k.size(-2):
+        window = None  # it hides nothing
+    if impl == 'triton' and q.size(-2) == k.size(-2) and window is None:  # decode steps and windows use sdpa
         from stablemask_kernel import stablemask_attention  # imported on use: the other paths need no Triton
         return stablemask_attention(q, k, v, gamma, alibi, pseudo_len)
     if impl == 'reference':
-        return stablemask_reference(q, k, v, gamma, alibi, pseudo_len)
-    return stablemask_sdpa(q, k, v, gamma, alibi, pseudo_len)
+        return stablemask_reference(q, k, v, gamma, alibi, pseudo_len, window)
+    return stablemask_sdpa(q, k, v, gamma, alibi, pseudo_len, window)
 
 # -----------------------------------------------------------------------------
 # The model
@@ -195,9 +206,7 @@ class GPTConfig:
     rope_base: float = 10000.0
 
     def __post_init__(self):
-        choices = dict(attn_mask=('stablemask', 'causal'), pos_enc=('rope', 'alibi', 'learned', 'none'),
-                       attn_impl=('auto', 'reference', 'triton', 'sdpa'))
-        for name, allowed in choices.items():
+        for name, allowed in CONFIG_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         if self.n_embd % self.n_head:
@@ -205,6 +214,9 @@ class GPTConfig:
         if self.sm_gamma is not None and not self.sm_gamma >= 0:
             raise ValueError(f"sm_gamma={self.sm_gamma}: the pseudo-score decay must be >= 0 (or None)")
 
+
+CONFIG_CHOICES = dict(attn_mask=('stablemask', 'causal'), pos_enc=('rope', 'alibi', 'learned', 'none'),
+                      attn_impl=('auto', 'reference', 'triton', 'sdpa'))
 
 # The paper's model sizes (README, Pretraining) and a tiny one for CPUs. The names are the paper's;
 # GPT(...).get_num_params() gives the count (untied GPT-2 embeddings included): 71.9M, 162M, 308M, 1.44B.
@@ -247,21 +259,45 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, one preallocated buffer per layer."""
+    """Keys and values of the positions seen so far, one preallocated buffer per layer, for up to
+    max_len positions. With a window, only what later rows can see is kept: the buffer holds twice
+    the window, and when it fills, its newest window-1 entries move to its front (once every window
+    tokens, not at every token)."""
 
-    def __init__(self, n_layer, max_len):
-        self.max_len, self.pos = max_len, 0
+    def __init__(self, n_layer, max_len, window=None):
+        self.window = window
+        self.capacity = max_len if window is None else min(max_len, 2 * window)
+        self.pos = 0  # positions seen: the position of the next token
+        self.held = 0  # entries in the buffers
         self.k, self.v = [None] * n_layer, [None] * n_layer
 
+    def _kept(self):
+        """How many held entries the next rows can still see."""
+        return self.held if self.window is None else min(self.held, self.window - 1)
+
     def update(self, layer, k, v):
-        """Store k, v (B, H, T, D) at the current position; return every key and value so far."""
+        """Store k, v (B, H, T, D) of the next T positions; return the keys and values these rows
+        attend to: every one held before, or with a window the last window-1, then the new ones."""
         if self.k[layer] is None:
-            shape = (*k.shape[:2], self.max_len, k.size(-1))
+            shape = (*k.shape[:2], self.capacity, k.size(-1))
             self.k[layer], self.v[layer] = k.new_empty(shape), v.new_empty(shape)
-        end = self.pos + k.size(2)
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        T, kept = k.size(2), self._kept()
+        start = self.held - kept
+        if self.held + T > self.capacity:  # only with a window: move what is still seen to the front
+            k = torch.cat([self.k[layer][:, :, start:self.held], k], dim=2)
+            v = torch.cat([self.v[layer][:, :, start:self.held], v], dim=2)
+            n = min(k.size(2), self.capacity)
+            self.k[layer][:, :, :n], self.v[layer][:, :, :n] = k[:, :, -n:], v[:, :, -n:]
+            return k, v
+        self.k[layer][:, :, self.held:self.held + T] = k
+        self.v[layer][:, :, self.held:self.held + T] = v
+        return self.k[layer][:, :, start:self.held + T], self.v[layer][:, :, start:self.held + T]
+
+    def advance(self, T):
+        """Count the T positions every layer has just stored."""
+        moved = self.held + T > self.capacity
+        self.held = min(self._kept() + T, self.capacity) if moved else self.held + T
+        self.pos += T
 
 
 class CausalSelfAttention(nn.Module):
@@ -281,7 +317,7 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer('gamma', gamma, persistent=False)
         self.register_buffer('alibi', alibi, persistent=False)
 
-    def forward(self, x, rope=None, layer=0, kv_cache=None, pseudo_len=None):
+    def forward(self, x, rope=None, layer=0, kv_cache=None, pseudo_len=None, window=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
@@ -289,7 +325,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
-        y = attend(q, k, v, self.gamma, self.alibi, pseudo_len, self.impl)
+        y = attend(q, k, v, self.gamma, self.alibi, pseudo_len, self.impl, window)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -318,8 +354,8 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, layer, kv_cache, pseudo_len):
-        x = x + self.attn(self.ln_1(x), rope, layer, kv_cache, pseudo_len)
+    def forward(self, x, rope, layer, kv_cache, pseudo_len, window):
+        x = x + self.attn(self.ln_1(x), rope, layer, kv_cache, pseudo_len, window)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -352,13 +388,15 @@ class GPT(nn.Module):
         """Every parameter, both embedding matrices included."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, pseudo_len=None, kv_cache=None):
+    def forward(self, idx, targets=None, pseudo_len=None, kv_cache=None, window=None):
         """idx (B, T) token ids. Returns (logits, loss): logits (B, T, V) and the mean cross-entropy
         when targets (B, T) are given (-1 = ignore), else logits of the last position (B, 1, V).
         pseudo_len: the length StableMask's pseudo mass extends to; None = T (training); generation
-        passes block_size (SM-I). kv_cache: a KVCache, for generation."""
+        passes block_size (SM-I). kv_cache: a KVCache, for generation (its window applies).
+        window: every position attends only to the last `window` positions (itself included)."""
         B, T = idx.size()
         start = 0 if kv_cache is None else kv_cache.pos
+        window = window if kv_cache is None else kv_cache.window
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.wte(idx)
         rope = None
@@ -370,9 +408,9 @@ class GPT(nn.Module):
             rope = rope_cos_sin(pos, self.config.n_embd // self.config.n_head, self.config.rope_base)
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, rope, layer, kv_cache, pseudo_len)
+            x = block(x, rope, layer, kv_cache, pseudo_len, window)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(T)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # inference: only the last position is needed
@@ -401,30 +439,53 @@ class GPT(nn.Module):
         return self.flops_per_token(T) * tokens_per_sec / peak_flops
 
     @torch.no_grad()
-    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                        sliding_window=True):
         """Yield max_new_tokens next tokens, each (B, 1), continuing idx (B, T). temperature 0 is greedy.
         Every row uses pseudo_len = block_size (the paper's SM-I), so a cached step equals the same
-        row of a full forward pass. Past block_size, RoPE / ALiBi / no-position models keep the whole
-        context; a learned-position model crops it to the last block_size tokens, without the cache."""
+        row of a full forward pass. Past block_size, each new token attends to the last block_size
+        tokens (sliding_window: a KV cache that drops its oldest entry, a length the model was trained
+        at), or with sliding_window=False to the whole context (RoPE / ALiBi / no positions). A
+        learned-position model has no positions past block_size: it recomputes the last block_size
+        tokens at every step instead."""
         N = self.config.block_size
-        window = N if self.config.pos_enc == 'learned' else None
+        learned = self.config.pos_enc == 'learned'
+        window = N if sliding_window and not learned else None
         cache = None
-        for _ in range(max_new_tokens):
-            if cache is not None and (window is None or cache.pos < window):
+        for step in range(max_new_tokens):
+            if cache is not None and not (learned and cache.pos >= N):
                 logits, _ = self(idx[:, -1:], pseudo_len=N, kv_cache=cache)  # one new token through the cache
             else:  # the first step; every step without the cache; learned positions past block_size
-                context = idx if window is None else idx[:, -window:]
-                cacheable = use_cache and (window is None or context.size(1) < window)
-                cache = KVCache(self.config.n_layer, context.size(1) + max_new_tokens) if cacheable else None
-                logits, _ = self(context, pseudo_len=N, kv_cache=cache)
+                context = idx[:, -N:] if learned else idx
+                cacheable = use_cache and not (learned and context.size(1) >= N)
+                cache = KVCache(self.config.n_layer, context.size(1) + max_new_tokens - step, window) if cacheable else None
+                logits, _ = self(context, pseudo_len=N, kv_cache=cache, window=window)
             idx_next = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p)
             idx = torch.cat((idx, idx_next), dim=1)
             yield idx_next
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, sliding_window=True):
         """idx (B, T) continued by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
-        steps = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, use_cache))
+        steps = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, use_cache, sliding_window))
         return torch.cat([idx, *steps], dim=1)
+
+
+def resolve_device(device):
+    """The device a script runs on: 'auto' is this process's GPU (LOCAL_RANK under torchrun) if
+    CUDA is there, else the CPU. Raises ValueError, one line, for a device this machine lacks."""
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    if device == 'auto':
+        if not torch.cuda.is_available():
+            return 'cpu'
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"device=auto: this is local process {local_rank} but the machine has "
+                             f"{torch.cuda.device_count()} GPU(s): start at most that many per node, or pass --device=cpu")
+        return f"cuda:{local_rank}"
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # a bad name, no CUDA, no such GPU, ...
+        raise ValueError(f"device={device!r} is not usable here: {str(e).strip().splitlines()[0]}") from None
+    return device
 
 
 def autocast_for(device_type, dtype):
@@ -483,11 +544,15 @@ def save_checkpoint(checkpoint, path):
             os.remove(tmp)
 
 
+def checkpoint_file(path):
+    """A checkpoint names a file, or a folder holding ckpt.pt."""
+    return os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+
+
 def load_checkpoint(path, device='cpu'):
     """Load a checkpoint file, or the ckpt.pt in a folder. Raises ValueError, with one line saying
     what is wrong, for a missing, corrupt, truncated or foreign file."""
-    if os.path.isdir(path):
-        path = os.path.join(path, 'ckpt.pt')
+    path = checkpoint_file(path)
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}")
     try:
@@ -508,14 +573,28 @@ def load_checkpoint(path, device='cpu'):
 
 
 def model_from_checkpoint(checkpoint, **overrides):
-    """The GPT a checkpoint holds, with GPTConfig fields overridden (attn_impl, attn_mask, ...)."""
-    config = GPTConfig(**{**checkpoint['model_args'], **overrides})
-    model = GPT(config)
+    """The GPT a checkpoint holds, with GPTConfig fields overridden (attn_impl, attn_mask, ...).
+    Raises ValueError, one line, when its model_args or its tensors do not describe a model of ours."""
+    args = {**checkpoint['model_args'], **overrides}
+    unknown = sorted(args.keys() - GPTConfig.__dataclass_fields__.keys())
+    if unknown:
+        raise ValueError(f"its model_args hold settings this version does not know: {', '.join(unknown)}")
+    model = GPT(GPTConfig(**args))
+    config = model.config
     state = checkpoint['model']
-    if config.pos_enc == 'learned':  # a shorter block_size keeps the first positions; a longer one has none to keep
+    if config.pos_enc == 'learned' and 'transformer.wpe.weight' in state:  # a shorter block_size keeps the first positions
         wpe = state['transformer.wpe.weight']
         if config.block_size > wpe.size(0):
             raise ValueError(f"block_size {config.block_size} is past the checkpoint's {wpe.size(0)} learned positions")
         state = {**state, 'transformer.wpe.weight': wpe[:config.block_size]}
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"its tensors do not fit its model_args: {'missing ' + ', '.join(missing[:3]) if missing else ''}"
+                         f"{'; ' if missing and unexpected else ''}{'unexpected ' + ', '.join(unexpected[:3]) if unexpected else ''}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"its tensors do not fit its model_args: {name} is {tuple(tensor.shape)}, "
+                             f"the model needs {tuple(expected[name].shape)}")
     model.load_state_dict(state)
     return model

@@ -3,34 +3,14 @@
 import re
 
 import pytest
-import torch
 
 from conftest import run_script
-from experiments import sliding_window_attention
-from model import alibi_slopes, stablemask_reference
 
 
 def table_rows(out):
     """The body rows of the markdown tables in out, as lists of cells."""
     return [[c.strip() for c in line.strip('|').split('|')] for line in out.splitlines()
             if line.startswith('|') and not line.startswith('| ---') and '---' not in line]
-
-
-@pytest.mark.parametrize('gamma,alibi', [(None, None), ('slopes', None), ('slopes', 'slopes'), (0.0, None)])
-def test_sliding_window_attention(gamma, alibi):
-    """Each query sees the last `window` keys as a sequence of its own, of which it is the last row."""
-    H, T, window = 3, 20, 6
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, H, T, 16, generator=g, dtype=torch.float64) for _ in range(3))
-    gamma = alibi_slopes(H).double() if gamma == 'slopes' else None if gamma is None else torch.full((H,), gamma, dtype=torch.float64)
-    alibi = alibi_slopes(H).double() if alibi else None
-    out = sliding_window_attention(window)(q, k, v, gamma, alibi, None)
-    for t in range(T):
-        s = max(0, t - window + 1)
-        expected = stablemask_reference(q[:, :, t:t + 1], k[:, :, s:t + 1], v[:, :, s:t + 1], gamma, alibi, pseudo_len=window)
-        torch.testing.assert_close(out[:, :, t:t + 1], expected)
-    wide = sliding_window_attention(T)(q, k, v, gamma, alibi, None)  # a window as long as the sequence: no window at all
-    torch.testing.assert_close(wide, stablemask_reference(q, k, v, gamma, alibi))
 
 
 def test_position(tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import GPT, PRESETS, GPTConfig, KVCache, sample_next, swiglu_hidden
+from model import GPT, PRESETS, GPTConfig, KVCache, alibi_slopes, sample_next, stablemask_reference, stablemask_sdpa, swiglu_hidden
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 
@@ -119,16 +119,66 @@ def test_pseudo_len_matters_without_sm_i():
     torch.testing.assert_close(short_sm_i, long_sm_i[:, :20], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('sliding_window', [True, False])
 @pytest.mark.parametrize('pos_enc', ['rope', 'alibi', 'learned', 'none'])
-def test_generate_same_greedy_tokens_with_and_without_cache(pos_enc):
+def test_generate_same_greedy_tokens_with_and_without_cache(pos_enc, sliding_window):
     torch.manual_seed(0)
     model = GPT(tiny(pos_enc=pos_enc, block_size=24, attn_impl='sdpa')).eval()
+    for prompt in (5, 60):  # a prompt shorter, and one longer, than the window (twice block_size)
+        idx = torch.randint(0, 97, (2, prompt))
+        cached = model.generate(idx, 70, temperature=0, sliding_window=sliding_window)  # well past block_size
+        uncached = model.generate(idx, 70, temperature=0, use_cache=False, sliding_window=sliding_window)
+        assert cached.shape == (2, prompt + 70)
+        assert torch.equal(cached, uncached)
+        assert torch.equal(cached[:, :prompt], idx)
+
+
+def test_sliding_window_is_a_setting_that_matters():
+    torch.manual_seed(0)
+    model = GPT(tiny(block_size=16, attn_impl='sdpa')).eval()
     idx = torch.randint(0, 97, (2, 5))
-    cached = model.generate(idx, 40, temperature=0)  # 45 tokens: well past block_size
-    uncached = model.generate(idx, 40, temperature=0, use_cache=False)
-    assert cached.shape == (2, 45)
-    assert torch.equal(cached, uncached)
-    assert torch.equal(cached[:, :5], idx)
+    window, whole = (model.generate(idx, 40, temperature=0, sliding_window=s) for s in (True, False))
+    assert torch.equal(window[:, :16], whole[:, :16]) and not torch.equal(window, whole)  # the same until block_size
+
+
+@pytest.mark.parametrize('impl', [stablemask_reference, stablemask_sdpa])
+@pytest.mark.parametrize('gamma,alibi', [(None, None), ('slopes', None), ('slopes', 'slopes'), (0.0, None)])
+def test_sliding_window_attention(impl, gamma, alibi):
+    """With a window each query sees its last `window` keys as a sequence of its own, of which it is
+    the last row (with the pseudo mass of that row at the training length, SM-I)."""
+    H, T, window = 3, 20, 6
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, H, T, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    gamma = alibi_slopes(H).double() if gamma == 'slopes' else None if gamma is None else torch.full((H,), gamma, dtype=torch.float64)
+    alibi = alibi_slopes(H).double() if alibi else None
+    if impl is stablemask_sdpa:  # the fused ops run in float32
+        q, k, v, gamma, alibi = (None if t is None else t.float() for t in (q, k, v, gamma, alibi))
+    out = impl(q, k, v, gamma, alibi, pseudo_len=window, window=window)
+    for t in range(T):
+        s = max(0, t - window + 1)
+        expected = stablemask_reference(q[:, :, t:t + 1], k[:, :, s:t + 1], v[:, :, s:t + 1], gamma, alibi, pseudo_len=window)
+        torch.testing.assert_close(out[:, :, t:t + 1], expected, rtol=1e-5, atol=1e-6)
+    wide = impl(q, k, v, gamma, alibi, window=T)  # a window as long as the sequence: no window at all
+    torch.testing.assert_close(wide, stablemask_reference(q, k, v, gamma, alibi), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('pos_enc', ['rope', 'alibi', 'none'])
+@pytest.mark.parametrize('impl', ['reference', 'sdpa'])
+def test_windowed_cache_equals_a_windowed_forward(pos_enc, impl):
+    """Past block_size the cache drops its oldest entries (and moves the rest to its front when its
+    buffer of twice the window fills); each step still equals the same row of one windowed forward."""
+    torch.manual_seed(0)
+    model = GPT(tiny(pos_enc=pos_enc, block_size=16, attn_impl=impl)).eval()
+    length = 90
+    idx = torch.randint(0, 97, (2, length))
+    for prefill in (10, 40):  # a prompt shorter, and one longer, than the window
+        cache = KVCache(model.config.n_layer, length, window=16)
+        with torch.no_grad():
+            steps = [model(idx[:, :prefill], pseudo_len=16, kv_cache=cache)[0]]
+            steps += [model(idx[:, t:t + 1], pseudo_len=16, kv_cache=cache)[0] for t in range(prefill, length)]
+            full = model(idx, targets=idx, pseudo_len=16, window=16)[0]
+        torch.testing.assert_close(torch.cat(steps, dim=1), full[:, prefill - 1:], rtol=1e-4, atol=1e-5)
+        assert cache.k[0].size(2) == 32 and cache.held <= 32  # memory of twice the window, however long the text
 
 
 def test_sample_next():
