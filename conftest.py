@@ -7,9 +7,8 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(REPO, '..', 'shared')  # test data beside the checkout; the product never reads it
-SHAKESPEARE = os.path.join(SHARED, 'data', 'tinyshakespeare.txt')
-TIKTOKEN_CACHE = os.path.join(SHARED, 'tiktoken_cache')
+SHAKESPEARE = os.path.join(REPO, 'testdata', 'shakespeare_excerpt.txt')  # the first 40 kB of Tiny Shakespeare
+TIKTOKEN_CACHE = os.path.join(REPO, '..', 'shared', 'tiktoken_cache')  # beside the checkout on the project's machines
 
 if os.path.isdir(TIKTOKEN_CACHE):
     os.environ.setdefault('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)  # GPT-2's BPE without a download
@@ -17,15 +16,17 @@ if os.path.isdir(TIKTOKEN_CACHE):
 
 @pytest.fixture
 def shakespeare_txt():
-    if not os.path.isfile(SHAKESPEARE):
-        pytest.skip(f"needs the real Tiny Shakespeare at {SHAKESPEARE}")
     return SHAKESPEARE
 
 
-@pytest.fixture
+@pytest.fixture(scope='session')
 def gpt2_offline():
-    if not os.path.isdir(TIKTOKEN_CACHE):
-        pytest.skip(f"needs tiktoken's r50k_base cached in {TIKTOKEN_CACHE} (there is no network here)")
+    """GPT-2's BPE from tiktoken's cache, or downloaded once; a test that needs it skips only without both."""
+    import tiktoken
+    try:
+        tiktoken.get_encoding('r50k_base')
+    except Exception as e:  # tiktoken raises whatever its download raised
+        pytest.skip(f"needs a network, or tiktoken's r50k_base in TIKTOKEN_CACHE_DIR ({type(e).__name__})")
 
 
 def run_script(script, *args, cwd, expect_ok=True, timeout=300, torchrun=0):

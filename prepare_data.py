@@ -73,7 +73,11 @@ def download(url, dest):
     if os.path.exists(dest):
         return dest
     folder = os.path.dirname(dest)
-    made_folder = not os.path.isdir(folder)
+    made = []  # the folders made here, deepest first: removed again if the download fails
+    parent = os.path.abspath(folder)
+    while not os.path.isdir(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
     os.makedirs(folder, exist_ok=True)
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
@@ -83,8 +87,8 @@ def download(url, dest):
                     f.write(chunk)
                     bar.update(len(chunk))
     except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-        if made_folder:
-            os.rmdir(folder)
+        for path in made:
+            os.rmdir(path)
         reason = getattr(e, 'reason', e)
         raise PrepareError(f"cannot download {url} ({reason}); give a local copy with --input") from None
     return dest

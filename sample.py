@@ -5,7 +5,9 @@ Sample text from a trained checkpoint, streamed as it is generated.
     python sample.py --init_from=out/ckpt.pt --start=FILE:prompt.txt --temperature=0 --max_new_tokens=100
 
 Generation uses a KV cache under the paper's SM-I inference: every position keeps the pseudo mass it
-had at the training length, so a cached step computes exactly what a full forward pass would.
+had at the training length, so a cached step computes exactly what a full forward pass would. Past
+block_size each new token attends to the last block_size tokens, a length the model was trained at
+(a cache that drops its oldest entry); --sliding_window=False keeps the whole context instead.
 """
 
 import codecs
@@ -14,7 +16,7 @@ import sys
 import torch
 
 from configurator import configure_script
-from model import autocast_for, load_checkpoint, model_from_checkpoint
+from model import autocast_for, checkpoint_file, load_checkpoint, model_from_checkpoint, resolve_device
 from prepare_data import PrepareError, tokenizer_from_meta
 
 # -----------------------------------------------------------------------------
@@ -25,16 +27,17 @@ max_new_tokens = 500
 temperature = 0.8  # 0: greedy
 top_k = 200  # None: no top-k cut
 top_p = None  # nucleus sampling: keep the smallest set of tokens holding this much probability
+sliding_window = True  # past block_size, attend to the last block_size tokens; False: the whole context
 seed = 1337
-device = 'auto'
-dtype = 'auto'
-attn_impl = 'auto'
+device = 'auto'  # 'cpu', 'cuda', 'cuda:1', ...; auto: a GPU if there is one
+dtype = 'auto'  # 'float32', 'bfloat16', 'float16'; auto: bf16 on GPUs that have it, else float32
+attn_impl = 'auto'  # 'auto', 'triton', 'sdpa', 'reference'
 use_cache = True  # False recomputes the whole context at every step (same tokens, slower)
 compile = False
 # -----------------------------------------------------------------------------
-
-
-configure_script(globals(), sys.argv[1:], nullable=('top_k',), choices=dict(dtype=('auto', 'float32', 'bfloat16', 'float16')))
+RULES = dict(num_samples='>0', max_new_tokens='>=0', temperature='>=0', top_k='>0', top_p='>0, <=1',
+             dtype=('auto', 'float32', 'bfloat16', 'float16'), attn_impl=('auto', 'triton', 'sdpa', 'reference'))
+configure_script(globals(), sys.argv[1:], nullable=('top_k',), rules=RULES)
 
 
 def fail(message):
@@ -42,17 +45,18 @@ def fail(message):
     sys.exit(1)
 
 
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+try:
+    device = resolve_device(device)
+    checkpoint = load_checkpoint(init_from, device)
+except ValueError as e:
+    fail(e)
+try:
+    model = model_from_checkpoint(checkpoint, attn_impl=attn_impl, dropout=0.0)
+except ValueError as e:
+    fail(f"{checkpoint_file(init_from)}: {e}")
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 dtype, autocast = autocast_for(device_type, dtype)
 torch.manual_seed(seed)
-
-try:
-    checkpoint = load_checkpoint(init_from, device)
-    model = model_from_checkpoint(checkpoint, attn_impl=attn_impl, dropout=0.0)
-except ValueError as e:
-    fail(e)
 meta = checkpoint.get('meta')
 if not meta:
     fail(f"{init_from} holds no tokenizer description (meta); was it written by train.py?")
@@ -81,7 +85,7 @@ for n in range(num_samples):
     text = codecs.getincrementaldecoder('utf-8')(errors='replace')  # BPE tokens can split a character
     sys.stdout.write(start)
     with torch.no_grad(), autocast:
-        for token in model.generate_tokens(x, max_new_tokens, temperature, top_k, top_p, use_cache):
+        for token in model.generate_tokens(x, max_new_tokens, temperature, top_k, top_p, use_cache, sliding_window):
             sys.stdout.write(text.decode(token_bytes(token.item())))
             sys.stdout.flush()
     sys.stdout.write(text.decode(b'', final=True) + '\n---------------\n')

@@ -16,7 +16,7 @@ import torch
 import prepare_data
 from conftest import REPO, run_script
 from configurator import configure
-from model import PRESETS, load_checkpoint
+from model import PRESETS, load_checkpoint, model_from_checkpoint
 from prepare_data import PrepareError, prepare, tokenizer_from_meta, tokenizer_safe_chunks
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=4',
@@ -85,13 +85,14 @@ def test_shakespeare_both_tokenizers(tmp_path, shakespeare_txt, gpt2_offline):
         if tokenizer == 'gpt2':
             assert ids.tolist() == tiktoken.get_encoding('r50k_base').encode_ordinary(text) + [50256]
         else:
-            assert decode(meta, ids) == text and meta['vocab_size'] == 65
+            assert decode(meta, ids) == text and meta['vocab_size'] == len(set(text))
 
 
-def test_parallel_chunks_encode_like_the_whole(shakespeare_txt, gpt2_offline):
+def test_parallel_chunks_encode_like_the_whole(gpt2_offline):
     import tiktoken
+    from pydoc_data.topics import topics
     enc = tiktoken.get_encoding('r50k_base')
-    text = open(shakespeare_txt, encoding='utf-8').read()[:200_000] + "\n\n  odd   spacing\n \nX\ny"
+    text = '\n'.join(topics[name] for name in sorted(topics))[:200_000] + "\n\n  odd   spacing\n \nX\ny"
     chunks = tokenizer_safe_chunks(text, 1000)
     assert len(chunks) > 100 and ''.join(chunks) == text
     assert [t for c in chunks for t in enc.encode_ordinary(c)] == enc.encode_ordinary(text)
@@ -159,7 +160,7 @@ def test_download_without_network(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_data, 'SHAKESPEARE_URL', 'http://127.0.0.1:9/input.txt')  # nothing listens there
     with pytest.raises(PrepareError, match='cannot download .* give a local copy with --input'):
         prepare('shakespeare', [], 'char', None, out_dir=str(tmp_path / 'data'))
-    assert not (tmp_path / 'data' / 'shakespeare_char').exists()
+    assert not (tmp_path / 'data').exists()  # no empty folders left behind
 
 
 def test_interrupted_prepare_keeps_the_old_dataset(tmp_path, monkeypatch):
@@ -257,36 +258,115 @@ def test_torchrun_two_processes_follow_one(workdir):
 
 def test_finetune_causal_model_as_stablemask(workdir, tmp_path):
     run_script('train.py', *TINY, '--attn_mask=causal', '--max_iters=30', '--eval_interval=30', '--out_dir=out-causal', cwd=workdir)
-    result = run_script('train.py', '--init_from=out-causal', '--attn_mask=stablemask', '--n_layer=7', '--max_iters=20',
-                        '--eval_interval=10', '--eval_iters=4', '--block_size=32', '--batch_size=8', '--out_dir=out-ft', cwd=workdir)
-    assert 'fine-tuning out-causal' in result.stdout
+    result = run_script('train.py', '--init_from=out-causal', '--attn_mask=stablemask', '--max_iters=20',
+                        '--eval_interval=10', '--eval_iters=4', '--batch_size=8', '--out_dir=out-ft', cwd=workdir)
+    assert 'fine-tuning out-causal' in result.stdout and '2 layers' in result.stdout  # the model loaded, not the defaults
     ckpt = load_checkpoint(str(workdir / 'out-ft'))
     assert ckpt['model_args']['attn_mask'] == 'stablemask' and ckpt['model_args']['n_layer'] == 2  # the checkpoint's
+    assert ckpt['model_args']['block_size'] == 32 == ckpt['config']['block_size']  # not given: the checkpoint's, not 256
     assert ckpt['iter_num'] == 20  # a fresh schedule
-    # another tokenizer cannot continue this model
+    # an architecture given that is not the checkpoint's is refused, not ignored
+    result = run_script('train.py', '--init_from=out-causal', '--n_layer=7', '--out_dir=out-ft7', cwd=workdir, expect_ok=False)
+    assert result.returncode == 1 and "n_layer=7, but out-causal/ckpt.pt has n_layer=2" in result.stderr
+    assert not (workdir / 'out-ft7').exists()
+    # another character table cannot continue this model
     (workdir / 'other.txt').write_text('xyz' * 500)
     run_script('prepare_data.py', '--input', 'other.txt', '--tokenizer=char', cwd=workdir)
     result = run_script('train.py', '--init_from=out-causal', '--dataset=other_char', *TINY, cwd=workdir, expect_ok=False)
-    assert result.returncode == 1 and 'another tokenizer' in result.stderr
+    assert result.returncode == 1 and result.stderr.count('\n') == 1
+    assert 'the character tables of out-causal/ckpt.pt (103 characters) and data/other_char (4) differ' in result.stderr
 
 
 @pytest.mark.parametrize('args,message', [
     (['--bogus=1'], "unknown config key 'bogus'"),
     (['--batch_size=1.5'], 'batch_size=1.5: expected an integer'),
+    (['--batch_size=0'], 'batch_size=0: must be >0'),
+    (['--dropout=1'], 'dropout=1.0: must be >=0 and <1'),
     (['--compile=yes'], 'expected True or False'),
     (['--lr_schedule=step'], 'lr_schedule'),
     (['--attn_mask=sink'], 'attn_mask'),
+    (['--device=cuda:99'], "device='cuda:99' is not usable here"),
     (['--dataset=nothing'], 'no dataset at data/nothing'),
     (['--block_size=100000'], 'too few for block_size'),
     (['bad_config.py'], "unknown config key 'learning_rat' (in bad_config.py)"),
+    (['syntax_config.py'], "config file syntax_config.py, line 2: '(' was never closed"),
+    (['raising_config.py'], 'config file raising_config.py, line 1: ZeroDivisionError: division by zero'),
+    (['zero_config.py'], 'eval_iters=0: must be >0'),
     (['missing_config.py'], 'cannot read config file'),
     (['--init_from=resume', '--out_dir=nowhere'], 'no checkpoint at nowhere'),
 ])
-def test_train_bad_input(workdir, args, message):
-    (workdir / 'bad_config.py').write_text('learning_rat = 1e-3\n')
-    result = run_script('train.py', *args, cwd=workdir, expect_ok=False)
+def test_train_bad_input(tmp_path, args, message):
+    (tmp_path / 'bad_config.py').write_text('learning_rat = 1e-3\n')
+    (tmp_path / 'syntax_config.py').write_text('batch_size = 4\nn_layer = (\n')
+    (tmp_path / 'raising_config.py').write_text('batch_size = 1 / 0\n')
+    (tmp_path / 'zero_config.py').write_text('eval_iters = 0\n')
+    data = tmp_path / 'data' / 'pydoc_char'
+    data.mkdir(parents=True)
+    (data / 'meta.json').write_text(json.dumps(dict(tokenizer='char', chars=['a', 'b'], vocab_size=2, dtype='uint16',
+                                                    train_tokens=200, val_tokens=200)))
+    for split in ('train', 'val'):
+        np.zeros(200, np.uint16).tofile(data / f'{split}.bin')
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_script('train.py', *args, cwd=tmp_path, expect_ok=False)
     assert result.returncode == 1 and result.stderr.strip().count('\n') == 0, result.stderr
     assert message in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing left behind
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--top_k=0'], 'top_k=0: must be >0'),
+    (['--temperature=-1'], 'temperature=-1.0: must be >=0'),
+    (['--max_new_tokens=-5'], 'max_new_tokens=-5: must be >=0'),
+    (['--top_p=1.5'], 'top_p=1.5: must be >0 and <=1'),
+    (['--num_samples=0'], 'num_samples=0: must be >0'),
+    (['--device=cuda:99'], "device='cuda:99' is not usable here"),
+])
+def test_sample_bad_input(workdir, trained, args, message):
+    result = run_script('sample.py', '--init_from=out-a', *args, cwd=workdir, expect_ok=False)
+    assert result.returncode == 1 and result.stderr.strip().count('\n') == 0, result.stderr
+    assert message in result.stderr and result.stdout == ''
+
+
+@pytest.mark.parametrize('damage,message', [
+    ('unknown key', 'its model_args hold settings this version does not know: n_expert'),
+    ('wrong shape', 'its tensors do not fit its model_args: transformer.wte.weight is (103, 32), the model needs (50, 32)'),
+    ('missing tensor', 'its tensors do not fit its model_args: missing lm_head.weight'),
+])
+def test_checkpoint_that_does_not_fit_is_refused(workdir, trained, tmp_path, damage, message):
+    ckpt = torch.load(trained / 'ckpt.pt', weights_only=True)
+    if damage == 'unknown key':
+        ckpt['model_args']['n_expert'] = 8
+    elif damage == 'wrong shape':
+        ckpt['model_args']['vocab_size'] = 50
+    else:
+        del ckpt['model']['lm_head.weight']
+    out = tmp_path / 'out-damaged'
+    out.mkdir()
+    torch.save(ckpt, out / 'ckpt.pt')
+    for script, args in (('train.py', ['--init_from=resume', f'--out_dir={out}']), ('sample.py', [f'--init_from={out}'])):
+        result = run_script(script, *args, cwd=workdir, expect_ok=False)
+        assert result.returncode == 1 and result.stderr.strip().count('\n') == 0, result.stderr
+        assert f'{out}/ckpt.pt: {message}' in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ['ckpt.pt']
+
+
+@pytest.mark.parametrize('script', ['train.py', 'sample.py', 'bench.py', 'experiments.py', 'prepare_data.py'])
+def test_help_lists_every_setting(tmp_path, script):
+    """-h and --help print the settings block at the top of the script: each default and its comment."""
+    for flag in ('--help', '-h'):
+        result = run_script(script, flag, cwd=tmp_path)
+        assert result.returncode == 0 and not list(tmp_path.iterdir())
+    if script == 'prepare_data.py':  # argparse's own help
+        assert '--tokenizer' in result.stdout and '--val_fraction' in result.stdout
+        return
+    source = open(os.path.join(REPO, script)).read().split('# ' + '-' * 77)[1]
+    settings = [line for line in source.splitlines() if line and not line.startswith('#')]
+    assert len(settings) >= 5
+    for line in settings:
+        key, _, rest = line.partition(' = ')
+        value, _, comment = rest.partition('  # ')
+        assert f"--{key}={value}" in result.stdout, key
+        assert comment.strip() in result.stdout
 
 
 @pytest.mark.parametrize('damage', ['truncated', 'garbage', 'foreign', 'malicious'])
@@ -349,3 +429,183 @@ def test_configurator():
     for bad in ('--a=x', '--a=True', '--b=x', '--d=1', '--e=x', '--f=1', '--a'):
         with pytest.raises(ValueError):
             configure(defaults, [bad])
+
+# ---------------------------------------------------------------------------------------------------
+# a newcomer's first hour: resume, overwrite, kill -9, torchrun, samples past block_size
+
+
+def log_rows(out_dir):
+    """The log without its timings, which differ between runs."""
+    return [{k: v for k, v in r.items() if k not in ('tokens_per_sec', 'mfu')} for r in read_log(out_dir)]
+
+
+def test_resume_restores_the_run_and_extends_it(workdir):
+    """--init_from=resume with nothing but out_dir and a longer max_iters continues the run with the
+    settings it was started with (here a learned-position model of block_size 32 and a constant
+    schedule): the same log as one run of the longer length."""
+    args = [*TINY, '--pos_enc=learned', '--lr_schedule=constant', '--eval_interval=20', '--dropout=0.1']
+    run_script('train.py', *args, '--max_iters=60', '--out_dir=out-long', cwd=workdir)
+    run_script('train.py', *args, '--max_iters=40', '--out_dir=out-short', cwd=workdir)
+    result = run_script('train.py', '--init_from=resume', '--out_dir=out-short', '--max_iters=60', cwd=workdir)
+    assert 'resuming out-short at step 40; changed: max_iters 40 -> 60' in result.stdout
+    assert 'learned positions, block_size 32' in result.stdout  # the start-up line describes the model loaded
+    assert log_rows(workdir / 'out-short') == log_rows(workdir / 'out-long')
+    config = load_checkpoint(str(workdir / 'out-short'))['config']
+    assert {**config, 'out_dir': 'out-long', 'init_from': 'scratch'} == load_checkpoint(str(workdir / 'out-long'))['config']
+
+    # data of another vocabulary is refused, naming both, and the run is left as it was
+    before = (workdir / 'out-short' / 'ckpt.pt').read_bytes()
+    (workdir / 'abc.txt').write_text('abc ' * 500)
+    run_script('prepare_data.py', '--input', 'abc.txt', '--tokenizer=char', cwd=workdir)
+    result = run_script('train.py', '--init_from=resume', '--out_dir=out-short', '--dataset=abc_char', '--max_iters=70',
+                        cwd=workdir, expect_ok=False)
+    assert result.returncode == 1 and result.stderr.strip().count('\n') == 0, result.stderr
+    assert 'the character tables of out-short/ckpt.pt (103 characters) and data/abc_char (5) differ' in result.stderr
+    assert (workdir / 'out-short' / 'ckpt.pt').read_bytes() == before
+    # the architecture cannot change on resume
+    result = run_script('train.py', '--init_from=resume', '--out_dir=out-short', '--n_embd=64', cwd=workdir, expect_ok=False)
+    assert result.returncode == 1 and 'n_embd=64, but out-short/ckpt.pt has n_embd=32' in result.stderr
+
+
+def test_a_new_run_does_not_replace_an_old_one(workdir, trained, tmp_path):
+    out = tmp_path / 'out-old'
+    out.mkdir()
+    for name in ('ckpt.pt', 'log.jsonl'):
+        (out / name).write_bytes((trained / name).read_bytes())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for start in ([], [f'--init_from={trained}']):  # from scratch, and a fine-tune
+        result = run_script('train.py', *TINY, *start, f'--out_dir={out}', '--max_iters=5', cwd=workdir, expect_ok=False)
+        assert result.returncode == 1 and result.stderr.strip().count('\n') == 0, result.stderr
+        assert f'{out} holds a run already: continue it with --init_from=resume' in result.stderr and '--overwrite=True' in result.stderr
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    result = run_script('train.py', f'--init_from={trained}', f'--out_dir={trained}', '--overwrite=True', cwd=workdir, expect_ok=False)
+    assert result.returncode == 1 and 'is the checkpoint this run would write' in result.stderr
+    # asked for, it replaces the run and starts a fresh log
+    run_script('train.py', *TINY, f'--out_dir={out}', '--max_iters=5', '--eval_interval=5', '--overwrite=True', cwd=workdir)
+    assert [r['iter'] for r in read_log(out)] == [0, 5, 5]
+    assert load_checkpoint(str(out))['iter_num'] == 5
+    result = run_script('train.py', '--init_from=resume', f'--out_dir={out}', '--overwrite=True', cwd=workdir, expect_ok=False)
+    assert result.returncode == 1 and 'does not go with init_from=resume' in result.stderr
+
+
+def test_kill_9_then_resume_leaves_nothing_stale(workdir):
+    """kill -9 loses the steps since the last checkpoint, nothing more: the next run in out_dir removes
+    temporary checkpoints of processes that are gone, and drops the log rows it is about to redo."""
+    args = [*TINY, '--max_iters=400', '--eval_interval=20', '--out_dir=out-killed']
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'train.py'), *args], cwd=workdir,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = workdir / 'out-killed' / 'log.jsonl'
+    deadline = time.time() + 120
+    while not (log_path.exists() and any(json.loads(line).get('iter', 0) >= 55 for line in log_path.read_text().splitlines())):
+        assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    saved = load_checkpoint(str(workdir / 'out-killed'))['iter_num']
+    assert saved < max(r['iter'] for r in read_log(workdir / 'out-killed'))  # rows past the checkpoint
+    gone = subprocess.run(['true']).args and subprocess.Popen(['true'])
+    gone.wait()
+    stale, live = workdir / 'out-killed' / f'ckpt.pt.tmp{gone.pid}', workdir / 'out-killed' / f'ckpt.pt.tmp{os.getpid()}'
+    stale.write_bytes(b'half a checkpoint')
+    live.write_bytes(b'another process is saving this one')
+    run_script('train.py', '--init_from=resume', '--out_dir=out-killed', '--max_iters=80', cwd=workdir)
+    assert not stale.exists() and live.exists()
+    live.unlink()
+    rows = read_log(workdir / 'out-killed')
+    for kind in ('loss', 'val_loss'):
+        steps = [r['iter'] for r in rows if kind in r]
+        assert steps == sorted(set(steps)) and steps[-1] == 80, steps  # no step twice
+
+
+def test_samples_past_block_size_read_like_the_training_text(workdir):
+    """Past block_size, generation attends to the last block_size tokens by default, so the text it
+    writes there has the characters of the training text as much as its first block_size characters
+    do; attending to the whole context (lengths the model never saw) drifts away from it."""
+    run_script('train.py', '--n_layer=4', '--n_head=4', '--n_embd=128', '--block_size=32', '--batch_size=16',
+               '--max_iters=300', '--eval_interval=1000', '--eval_iters=4', '--warmup_iters=30', '--learning_rate=3e-3',
+               '--min_lr=3e-4', '--out_dir=out-window', cwd=workdir)
+    checkpoint = load_checkpoint(str(workdir / 'out-window'))
+    model, chars = model_from_checkpoint(checkpoint).eval(), checkpoint['meta']['chars']
+    train_ids = np.fromfile(workdir / 'data' / 'pydoc_char' / 'train.bin', dtype=np.uint16)
+    reference = np.bincount(train_ids, minlength=len(chars)) / len(train_ids)
+
+    def distance(ids):
+        """Total variation distance between the characters of ids and those of the training text."""
+        counts = np.bincount(ids.ravel(), minlength=len(chars))
+        return 0.5 * np.abs(counts / counts.sum() - reference).sum()
+
+    prompt = torch.full((16, 1), chars.index('\n'))
+    texts = {}
+    for sliding_window in (True, False):
+        torch.manual_seed(0)
+        texts[sliding_window] = model.generate(prompt, 400, temperature=0.8, sliding_window=sliding_window)[:, 1:].numpy()
+    first = distance(texts[True][:, :32])
+    assert distance(texts[True][:, 32:]) <= 1.1 * first  # the default: a sliding window
+    assert distance(texts[False][:, 32:]) > first  # the whole context, still a setting
+
+    sample = ['--init_from=out-window', '--num_samples=1', '--max_new_tokens=200']  # sample.py: the same, by default
+    window, whole = (run_script('sample.py', *sample, *args, cwd=workdir).stdout for args in ([], ['--sliding_window=False']))
+    assert window[:33] == whole[:33] and window != whole
+
+
+def test_torchrun_with_a_cpu_config(workdir):
+    """The CPU config under torchrun says, once, what to pass; the README's command then runs."""
+    config = os.path.join(REPO, 'config', 'train_pydoc_char.py')
+    result = run_script('train.py', config, '--out_dir=out-cpu-ddp', cwd=workdir, torchrun=2, expect_ok=False)
+    assert result.returncode != 0 and result.stderr.count('train.py: error:') == 1, result.stderr
+    assert 'gradient_accumulation_steps=1 is not a multiple of the 2 processes: pass --gradient_accumulation_steps=2' in result.stderr
+    assert not (workdir / 'out-cpu-ddp').exists()
+    result = run_script('train.py', config, '--gradient_accumulation_steps=2', '--out_dir=out-cpu-ddp', '--max_iters=4',
+                        '--eval_interval=4', '--eval_iters=2', cwd=workdir, torchrun=2)
+    assert load_checkpoint(str(workdir / 'out-cpu-ddp'))['iter_num'] == 4
+
+
+def worker_pids(launcher_pid):
+    """{RANK: pid} of the processes torchrun started (Linux /proc)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                parent = int(f.read().rpartition(')')[2].split()[1])
+            with open(f'/proc/{pid}/environ', 'rb') as f:
+                env = dict(item.split(b'=', 1) for item in f.read().split(b'\0') if b'=' in item)
+        except OSError:
+            continue
+        if parent == launcher_pid and b'RANK' in env:
+            found[int(env[b'RANK'])] = int(pid)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc'), reason='finds the worker processes in /proc (Linux)')
+def test_frozen_peer_ends_the_run_after_ddp_timeout(workdir):
+    """SIGSTOP one of two processes: the other gives up after ddp_timeout with one line, instead of
+    torch's default of 30 minutes."""
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', os.path.join(REPO, 'train.py'),
+               *TINY, '--gradient_accumulation_steps=2', '--max_iters=100000', '--eval_interval=100000', '--log_interval=1', '--ddp_timeout=5', '--out_dir=out-frozen']
+    proc = subprocess.Popen(command, cwd=workdir, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = {}
+    try:
+        log_path = workdir / 'out-frozen' / 'log.jsonl'
+        deadline = time.time() + 120
+        while not (log_path.exists() and len(log_path.read_text().splitlines()) >= 5):
+            assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be frozen'
+            time.sleep(0.05)
+        workers = worker_pids(proc.pid)
+        assert sorted(workers) == [0, 1], workers
+        os.kill(workers[1], signal.SIGSTOP)
+        frozen_at = time.time()
+        while os.path.exists(f'/proc/{workers[0]}') and open(f'/proc/{workers[0]}/stat').read().rpartition(')')[2].split()[0] != 'Z':
+            assert time.time() - frozen_at < 60, 'rank 0 still waits for the frozen peer'
+            time.sleep(0.1)
+        assert time.time() - frozen_at >= 4  # it waited ddp_timeout, not less
+    finally:
+        for pid in workers.values():
+            for sig in (signal.SIGKILL, signal.SIGCONT):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        proc.kill()
+    stderr = proc.communicate()[1]
+    assert stderr.count('train.py: error: rank 0: lost the other processes') == 1, stderr[-3000:]

@@ -6,11 +6,13 @@ Pretrain or fine-tune a StableMask GPT: one process on a CPU or a GPU, or many u
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 \\
         --master_port=29500 train.py config/pile_1.4b.py                 # node 0 of 2 (node 1: --node_rank=1)
 
-The defaults below are overridden by a config file, then by --key=value (configurator.py).
-init_from='resume' continues the run in out_dir exactly where it stopped; init_from=<checkpoint>
-fine-tunes that model on `dataset` with a fresh optimizer, taking the architecture from the
-checkpoint and the attention settings from here (so a causal model can become a StableMask one).
-Ctrl-C or SIGTERM finishes the current step, saves out_dir/ckpt.pt and exits.
+The settings below are overridden by config files, then by --key=value (configurator.py); --help
+lists them. init_from='resume' continues the run in out_dir exactly where it stopped, with the
+settings it was started with (only what this command line gives changes, and is printed).
+init_from=<checkpoint> fine-tunes that model on `dataset` with a fresh optimizer: the architecture
+is the checkpoint's; block_size, dropout and the attention settings are too unless given here (so a
+causal model can become a StableMask one). A run never replaces another in out_dir unless
+overwrite=True. Ctrl-C or SIGTERM finishes the current step, saves out_dir/ckpt.pt and exits.
 """
 
 import json
@@ -20,6 +22,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -27,23 +30,25 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from configurator import configure_script
-from model import GPT, GPTConfig, autocast_for, gpu_peak_flops, load_checkpoint, model_from_checkpoint, save_checkpoint
+from configurator import check_rules, configure_script
+from model import (CONFIG_CHOICES, GPT, GPTConfig, autocast_for, checkpoint_file, gpu_peak_flops, load_checkpoint,
+                   model_from_checkpoint, resolve_device, save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = 'out'
+overwrite = False  # start from scratch (or fine-tune) even where out_dir holds a run: its checkpoint and log are replaced
 eval_interval = 250  # evaluate, and save out_dir/ckpt.pt, every this many steps
 log_interval = 10
 eval_iters = 50  # batches per evaluation
 eval_only = False
-init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint (file or folder) to fine-tune
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt, with its run's settings), or a checkpoint (file or folder) to fine-tune
 # data
 dataset = 'pydoc_char'  # a folder made by prepare_data.py: a name under data/, or a path
-gradient_accumulation_steps = 1  # micro-batches per step, all processes together
+gradient_accumulation_steps = 1  # micro-batches per step, all processes together: a multiple of the process count
 batch_size = 32  # sequences per micro-batch
 block_size = 256
-# model (the architecture is ignored when resuming or fine-tuning: the checkpoint has it)
+# model (when resuming or fine-tuning, the architecture is the checkpoint's)
 n_layer = 4
 n_head = 4
 n_embd = 128
@@ -55,7 +60,7 @@ pos_enc = 'rope'  # 'rope', 'alibi', 'learned', 'none'
 attn_impl = 'auto'  # 'auto', 'triton', 'sdpa', 'reference'
 # AdamW
 learning_rate = 1e-3
-max_iters = 2000
+max_iters = 2000  # raise it when resuming to extend a run
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.98
@@ -67,46 +72,96 @@ lr_decay_iters = 0  # 0: max_iters
 min_lr = 1e-4
 # DDP
 backend = 'auto'  # 'nccl' on GPUs, 'gloo' on CPUs
+ddp_timeout = 900  # seconds a process waits for the others (rank 0's evaluation, a first compile) before it gives up
 # system
-device = 'auto'  # 'cuda', 'cuda:1', 'cpu', ...
+device = 'auto'  # 'cuda', 'cuda:1', 'cpu', ...; auto: this process's GPU, or the CPU
 dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' (autocast; float16 adds a GradScaler); auto: bf16 on GPUs that have it
 compile = False  # torch.compile the model
 peak_flops = 0.0  # the hardware's peak FLOP/s for MFU; 0: looked up for A100 / H100 / H200, none on CPUs
 seed = 1337
 # -----------------------------------------------------------------------------
+RULES = dict(  # what each setting allows; configurator.check_rules applies them, to config files and --key=value alike
+    eval_interval='>0', log_interval='>0', eval_iters='>0', gradient_accumulation_steps='>0', batch_size='>0',
+    block_size='>0', n_layer='>0', n_head='>0', n_embd='>0', dropout='>=0, <1', sm_gamma='>=0', learning_rate='>=0',
+    max_iters='>=0', weight_decay='>=0', beta1='>=0, <1', beta2='>=0, <1', grad_clip='>=0', warmup_iters='>=0',
+    lr_decay_iters='>=0', min_lr='>=0', ddp_timeout='>0', peak_flops='>=0', **CONFIG_CHOICES,
+    lr_schedule=('cosine', 'linear', 'constant'), backend=('auto', 'nccl', 'gloo'),
+    dtype=('auto', 'float32', 'bfloat16', 'float16'))
+ARCHITECTURE = ('n_layer', 'n_head', 'n_embd', 'bias', 'pos_enc')  # a checkpoint's own; never changed by resuming or fine-tuning
+ADJUSTABLE = ('block_size', 'dropout', 'attn_mask', 'sm_gamma')  # a fine-tune keeps the checkpoint's unless given
+rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))  # set by torchrun
+ddp, master = 'RANK' in os.environ, rank == 0
 
 
 def fail(message):
-    print(f"train.py: error: {message}", file=sys.stderr)
+    """One line on rank 0 (every process of a torchrun meets the same bad input), exit 1."""
+    if master:
+        print(f"train.py: error: {message}", file=sys.stderr)
     sys.exit(1)
 
 
-config = configure_script(globals(), sys.argv[1:], choices=dict(
-    lr_schedule=('cosine', 'linear', 'constant'), dtype=('auto', 'float32', 'bfloat16', 'float16'), backend=('auto', 'nccl', 'gloo')))
+def say(message):
+    if master:
+        print(message)
 
-# processes: DDP when torchrun set RANK
-ddp = 'RANK' in os.environ
-if device == 'auto':
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu'
+
+config, given = configure_script(globals(), sys.argv[1:], rules=RULES)
+
+
+def resumed_config(checkpoint):
+    """The settings the run in out_dir was started with, and over them what this command line gives."""
+    if given.get('overwrite'):
+        fail("overwrite=True starts a new run: it does not go with init_from=resume")
+    saved = {k: v for k, v in checkpoint.get('config', {}).items() if k in config and k != 'overwrite'}
+    merged = {**config, **saved, **given}
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in given.items() if k in saved and saved[k] != v and k != 'init_from']
+    say(f"resuming {out_dir} at step {checkpoint['iter_num']}" + (f"; changed: {', '.join(changed)}" if changed else ''))
+    try:
+        check_rules(merged, RULES)
+    except ValueError as e:
+        fail(e)
+    return merged
+
+
+def check_against_checkpoint(model_args, source):
+    """The architecture comes from the checkpoint: a different one given here is refused, not ignored."""
+    for key in ARCHITECTURE + (('attn_mask', 'sm_gamma') if init_from == 'resume' else ()):
+        if key in given and given[key] != model_args.get(key):
+            hint = 'fine-tune it into another out_dir instead' if key in ('attn_mask', 'sm_gamma') else 'the architecture is the checkpoint\'s'
+            fail(f"{key}={given[key]!r}, but {source} has {key}={model_args.get(key)!r}: {hint}")
+
+
+# a run to resume brings its settings, before anything else is decided
+checkpoint = None
+if init_from != 'scratch':
+    source = out_dir if init_from == 'resume' else init_from
+    try:
+        checkpoint = load_checkpoint(source, 'cpu')
+    except ValueError as e:
+        fail(e)
+    check_against_checkpoint(checkpoint['model_args'], checkpoint_file(source))
+    if init_from == 'resume':
+        config = resumed_config(checkpoint)
+    else:
+        kept = ARCHITECTURE + tuple(k for k in ADJUSTABLE if k not in given)
+        config.update({k: checkpoint['model_args'][k] for k in kept if k in checkpoint['model_args']})
+    globals().update(config)
+
+# the rest of the settings, checked together before any process group, folder or file is made
+try:
+    device = resolve_device(device)
+except ValueError as e:
+    fail(e)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if ddp:
-    if backend == 'auto':
-        backend = 'nccl' if device_type == 'cuda' else 'gloo'
-    if device_type == 'cuda':
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    if gradient_accumulation_steps % world_size:
-        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not a multiple of the {world_size} processes")
-    gradient_accumulation_steps //= world_size  # now per process
-else:
-    rank, world_size = 0, 1
-master = rank == 0
-tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
-dtype, autocast = autocast_for(device_type, dtype)
-torch.manual_seed(seed)
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
+if gradient_accumulation_steps % world_size:
+    fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not a multiple of the {world_size} processes: "
+         f"pass --gradient_accumulation_steps={world_size * max(1, gradient_accumulation_steps // world_size)} "
+         f"(each process then runs {max(1, gradient_accumulation_steps // world_size)} micro-batch(es) of {batch_size} a step)")
+if init_from != 'resume' and not overwrite and any(os.path.exists(os.path.join(out_dir, f)) for f in ('ckpt.pt', 'log.jsonl')):
+    fail(f"{out_dir} holds a run already: continue it with --init_from=resume, choose another --out_dir, "
+         f"or replace it with --overwrite=True")
+if init_from not in ('scratch', 'resume') and os.path.abspath(checkpoint_file(init_from)) == os.path.abspath(os.path.join(out_dir, 'ckpt.pt')):
+    fail(f"init_from={init_from} is the checkpoint this run would write: choose another --out_dir")
 
 # data
 # a folder that holds a meta.json, or a name under data/ (not your raw text folder of the same name)
@@ -132,7 +187,22 @@ def read_meta(data_dir):
     return meta
 
 
+def check_tokenizer(old, source):
+    """A checkpoint continues only on data tokenized its way, or its ids would mean other text."""
+    if old is None:
+        return say(f"warning: {source} does not say which tokenizer it was trained with; {data_dir}'s is assumed")
+    if old['tokenizer'] != meta['tokenizer']:
+        fail(f"{source} was trained on the {old['tokenizer']} tokenizer but {data_dir} is tokenized with "
+             f"{meta['tokenizer']}: prepare it with --tokenizer={old['tokenizer']}")
+    if old.get('chars') != meta.get('chars'):
+        only = sorted(set(old.get('chars') or ()) ^ set(meta.get('chars') or ()))
+        fail(f"the character tables of {source} ({len(old.get('chars') or ())} characters) and {data_dir} "
+             f"({len(meta.get('chars') or ())}) differ ({''.join(only[:10])!r} in one only): a character model reads only its own")
+
+
 meta = read_meta(data_dir)
+if checkpoint is not None:
+    check_tokenizer(checkpoint.get('meta'), checkpoint_file(source))
 
 
 def batch_generator(*key):
@@ -151,34 +221,44 @@ def get_batch(split, generator):
     return x.to(device), y.to(device)
 
 
+# processes: DDP when torchrun set RANK
+if ddp:
+    if backend == 'auto':
+        backend = 'nccl' if device_type == 'cuda' else 'gloo'
+    if device_type == 'cuda':
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=ddp_timeout))
+gradient_accumulation_steps //= world_size  # now per process
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+dtype, autocast = autocast_for(device_type, dtype)
+torch.manual_seed(seed)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+
 # model
-iter_num, best_val_loss, checkpoint = 0, math.inf, None
+iter_num, best_val_loss = 0, math.inf
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=meta['vocab_size'], dropout=dropout, attn_mask=attn_mask, sm_gamma=sm_gamma,
                   pos_enc=pos_enc, attn_impl=attn_impl)
 try:
     if init_from == 'scratch':
         model = GPT(GPTConfig(**model_args))
-    elif init_from == 'resume':
-        checkpoint = load_checkpoint(out_dir, device)
-        model_args = {**checkpoint['model_args'], 'attn_impl': attn_impl}  # the same model; any implementation
-        model = model_from_checkpoint(checkpoint, attn_impl=attn_impl)
-        iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     else:
-        checkpoint = load_checkpoint(init_from, device)
-        old = checkpoint.get('meta', {})
-        if (old.get('tokenizer'), old.get('chars')) != (meta['tokenizer'], meta.get('chars')):
-            fail(f"{init_from} was trained with another tokenizer ({old.get('tokenizer')}) than {data_dir} ({meta['tokenizer']})")
-        changed = {k: model_args[k] for k in ('block_size', 'dropout', 'attn_mask', 'sm_gamma', 'attn_impl')}
-        model_args = {**checkpoint['model_args'], **changed}
-        model = model_from_checkpoint(checkpoint, **changed)
-        checkpoint = None  # fine-tuning starts a fresh optimizer and schedule
-        if master:
-            print(f"fine-tuning {init_from}: {', '.join(f'{k}={v}' for k, v in changed.items())}")
+        adjusted = {k: model_args[k] for k in ADJUSTABLE + ('attn_impl',)}
+        model_args = {**checkpoint['model_args'], **adjusted}
+        model = model_from_checkpoint(checkpoint, **adjusted)
+        if model.config.vocab_size < meta['vocab_size']:
+            fail(f"{data_dir} has a vocabulary of {meta['vocab_size']}, the model's is {model.config.vocab_size}")
+        if init_from == 'resume':
+            iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+        else:
+            checkpoint = None  # fine-tuning starts a fresh optimizer and schedule
+            say(f"fine-tuning {init_from}: {', '.join(f'{k}={model_args[k]}' for k in ADJUSTABLE)}")
 except ValueError as e:
-    fail(e)
+    fail(f"{checkpoint_file(source)}: {e}" if init_from != 'scratch' else e)
 model.to(device)
 raw_model = model
+cfg = raw_model.config  # what was actually built or loaded, for the start-up line
 
 optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
@@ -235,6 +315,37 @@ def log(record):
         f.write(json.dumps(record) + '\n')
 
 
+def prepare_out_dir():
+    """Make out_dir ready for this run: no temporary checkpoint left by a killed save (they are GBs
+    at 1.4B), a fresh log for a new run, and for a resumed one no rows past its checkpoint's step."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):
+        pid = name.removeprefix('ckpt.pt.tmp')
+        if pid != name and pid.isdigit() and not process_alive(int(pid)):
+            os.remove(os.path.join(out_dir, name))
+    log_path = os.path.join(out_dir, 'log.jsonl')
+    if init_from != 'resume':
+        for name in ('ckpt.pt', 'log.jsonl'):  # only with overwrite=True (checked above)
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+    elif os.path.exists(log_path):  # rows a stopped run wrote after its last checkpoint are redone
+        with open(log_path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line).get('iter', 0) <= iter_num]
+        with open(log_path + '.tmp', 'w') as f:
+            f.writelines(rows)
+        os.replace(log_path + '.tmp', log_path)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 stop_signal = None
 
 
@@ -247,71 +358,84 @@ def request_stop(signum, frame):
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 
-# training
+
+def train():
+    global iter_num, best_val_loss
+    peak = peak_flops or (gpu_peak_flops(device) if dtype != 'float32' else None)  # float32 runs at a lower peak
+    bar = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, unit='step')
+    t_last, iter_last, saved_at = time.time(), iter_num, resumed_at
+    stopping = False  # with DDP, decided by all processes together at a log step, so that they stop at the same step
+    while True:
+        if master and not stopping and (eval_only or iter_num % eval_interval == 0 and iter_num != resumed_at):
+            losses = estimate_loss()
+            best_val_loss = min(best_val_loss, losses['val'])
+            bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val']))
+            if iter_num > 0 and not eval_only:
+                save()
+                saved_at = iter_num
+            t_last = time.time()  # evaluation is not training time
+        if eval_only or iter_num >= max_iters or stopping:
+            break
+
+        lr = get_lr(iter_num)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro_step in range(gradient_accumulation_steps):
+            x, y = get_batch('train', batch_generator(0, iter_num, rank * gradient_accumulation_steps + micro_step))
+            last = micro_step == gradient_accumulation_steps - 1
+            with model.no_sync() if ddp and not last else nullcontext():  # all-reduce gradients once per step
+                with autocast:
+                    loss = model(x, y)[1] / gradient_accumulation_steps
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        bar.update(1)
+
+        if not ddp:
+            stopping = stop_signal is not None
+        if iter_num % log_interval == 0 or iter_num == max_iters:
+            stats = torch.stack([loss_sum, torch.tensor(float(stop_signal is not None), device=device)])
+            if ddp:  # the mean loss over all processes, and whether any of them was asked to stop
+                dist.all_reduce(stats)
+                stats[0] /= world_size
+                stopping = stats[1].item() > 0
+            if master:
+                now = time.time()
+                tokens_per_sec = (iter_num - iter_last) * tokens_per_iter / (now - t_last)
+                mfu = raw_model.estimate_mfu(tokens_per_sec, block_size, peak * world_size) if peak else None
+                t_last, iter_last = now, iter_num
+                bar.set_postfix(loss=f"{stats[0].item():.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}",
+                                **({'mfu': f"{100 * mfu:.1f}%"} if mfu else {}))
+                log(dict(iter=iter_num, loss=stats[0].item(), lr=lr, tokens_per_sec=tokens_per_sec, mfu=mfu))
+    bar.close()
+    if master and not eval_only and iter_num != saved_at:
+        save()
+    if master and stopping:
+        print(f"stopped by a signal at step {iter_num}; saved {out_dir}/ckpt.pt (continue with --init_from=resume)")
+    if ddp:
+        dist.barrier()  # the others wait for rank 0's last evaluation and save; gloo can abort on a peer's early exit
+        dist.destroy_process_group()
+
+
 if master:
-    os.makedirs(out_dir, exist_ok=True)
-    print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {attn_mask} attention, {pos_enc} positions; "
-          f"{tokens_per_iter:,} tokens per step on {world_size} process(es), {device}, {dtype}")
-peak = peak_flops or (gpu_peak_flops(device) if dtype != 'float32' else None)  # float32 runs at a lower peak
-bar = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, unit='step')
-t_last, iter_last, saved_at = time.time(), iter_num, resumed_at
-stopping = False  # with DDP, decided by all processes together at a log step, so that they stop at the same step
-while True:
-    if master and not stopping and (eval_only or iter_num % eval_interval == 0 and iter_num != resumed_at):
-        losses = estimate_loss()
-        best_val_loss = min(best_val_loss, losses['val'])
-        bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val']))
-        if iter_num > 0 and not eval_only:
-            save()
-            saved_at = iter_num
-        t_last = time.time()  # evaluation is not training time
-    if eval_only or iter_num >= max_iters or stopping:
-        break
-
-    lr = get_lr(iter_num)
-    for group in optimizer.param_groups:
-        group['lr'] = lr
-    loss_sum = torch.zeros((), device=device)
-    for micro_step in range(gradient_accumulation_steps):
-        x, y = get_batch('train', batch_generator(0, iter_num, rank * gradient_accumulation_steps + micro_step))
-        last = micro_step == gradient_accumulation_steps - 1
-        with model.no_sync() if ddp and not last else nullcontext():  # all-reduce gradients once per step
-            with autocast:
-                loss = model(x, y)[1] / gradient_accumulation_steps
-            scaler.scale(loss).backward()
-        loss_sum += loss.detach()
-    if grad_clip:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    iter_num += 1
-    bar.update(1)
-
-    if not ddp:
-        stopping = stop_signal is not None
-    if iter_num % log_interval == 0 or iter_num == max_iters:
-        stats = torch.stack([loss_sum, torch.tensor(float(stop_signal is not None), device=device)])
-        if ddp:  # the mean loss over all processes, and whether any of them was asked to stop
-            dist.all_reduce(stats)
-            stats[0] /= world_size
-            stopping = stats[1].item() > 0
-        if master:
-            now = time.time()
-            tokens_per_sec = (iter_num - iter_last) * tokens_per_iter / (now - t_last)
-            mfu = raw_model.estimate_mfu(tokens_per_sec, block_size, peak * world_size) if peak else None
-            t_last, iter_last = now, iter_num
-            bar.set_postfix(loss=f"{stats[0].item():.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}",
-                            **({'mfu': f"{100 * mfu:.1f}%"} if mfu else {}))
-            log(dict(iter=iter_num, loss=stats[0].item(), lr=lr, tokens_per_sec=tokens_per_sec, mfu=mfu))
-bar.close()
-
-if master and not eval_only and iter_num != saved_at:
-    save()
-if master and stopping:
-    print(f"stopped by a signal at step {iter_num}; saved {out_dir}/ckpt.pt (continue with --init_from=resume)")
-if ddp:
-    dist.barrier()  # the others wait for rank 0's last evaluation and save; gloo can abort on a peer's early exit
-    dist.destroy_process_group()
+    prepare_out_dir()
+say(f"{raw_model.get_num_params() / 1e6:.2f}M parameters: {cfg.n_layer} layers, {cfg.n_head} heads, d {cfg.n_embd}, "
+    f"{cfg.attn_mask} attention, {cfg.pos_enc} positions, block_size {cfg.block_size}; "
+    f"{tokens_per_iter:,} tokens per step on {world_size} process(es), {device}, {dtype}")
+try:
+    train()
+except RuntimeError as e:  # gloo reports a peer that froze (ddp_timeout) or died as a RuntimeError
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if not ddp or not (isinstance(e, dist.DistError) or any(w in reason for w in ('gloo', 'Timed out', 'Connection'))):
+        raise
+    print(f"train.py: error: rank {rank}: lost the other processes ({reason[-160:]}); the last checkpoint is "
+          f"{out_dir}/ckpt.pt", file=sys.stderr)  # every survivor says so: rank 0 may be the one lost
+    os._exit(1)  # the process group cannot be shut down cleanly without the lost peer
