@@ -1,10 +1,12 @@
 """Shared test helpers: the scripts run as a user runs them, in a scratch folder, offline."""
 
+import math
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE = os.path.join(REPO, 'testdata', 'shakespeare_excerpt.txt')  # the first 40 kB of Tiny Shakespeare
@@ -27,6 +29,19 @@ def gpt2_offline():
         tiktoken.get_encoding('r50k_base')
     except Exception as e:  # tiktoken raises whatever its download raised
         pytest.skip(f"needs a network, or tiktoken's r50k_base in TIKTOKEN_CACHE_DIR ({type(e).__name__})")
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every tensor made by torch.empty / empty_like starts as NaN, so an element a kernel forgets to
+    write shows in the comparison instead of passing by chance as stale memory."""
+    for name in ('empty', 'empty_like'):
+        make = getattr(torch, name)
+
+        def poisoned_make(*args, _make=make, **kwargs):
+            t = _make(*args, **kwargs)
+            return t.fill_(math.nan) if t.is_floating_point() else t
+        monkeypatch.setattr(torch, name, poisoned_make)
 
 
 def run_script(script, *args, cwd, expect_ok=True, timeout=300, torchrun=0):

@@ -102,32 +102,46 @@ def attention_bias(alibi, window, Tq, T, dtype, device):
     return padded[..., :T]
 
 
-def _fused_forward(q, k, v, bias, causal):
+def fused_kernel(device_type, dtype, head_dim, has_bias, capability=None):
+    """Which of PyTorch's fused attention kernels computes the causal part, and the head dim it
+    needs: the CPU's flash kernel takes any; CUDA's flash kernel (fp16/bf16, no bias, head dims up
+    to 256, sm80 and newer) and memory-efficient one (the rest) want multiples of 8, so other head
+    dims are zero-padded up to one (zero columns change no dot product; the scale stays 1/sqrt(D))."""
+    if device_type == 'cpu':
+        return 'cpu', head_dim
+    width = -(-head_dim // 8) * 8
+    flash = not has_bias and dtype in (torch.float16, torch.bfloat16) and width <= 256 and capability >= (8, 0)
+    return 'flash' if flash else 'efficient', width
+
+
+def _fused_forward(kind, q, k, v, bias, causal, scale):
     """PyTorch's fused attention, returning the output, its log-sum-exp (natural log, float32, per
     row; padded past Tq on some kernels) and what the matching backward needs."""
     aten = torch.ops.aten
-    if q.device.type == 'cpu':
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias)
-        return out, lse, ('cpu',)
-    if bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.size(-1) % 8 == 0:
-        out, lse, cu_q, cu_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)
-        return out, lse, ('flash', cu_q, cu_k, max_q, max_k, seed, offset)
+    if kind == 'cpu':
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
+        return out, lse, ()
+    if kind == 'flash':
+        out, lse, cu_q, cu_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, scale=scale)
+        return out, lse, (cu_q, cu_k, max_q, max_k, seed, offset)
     bias_b = None if bias is None else bias.expand(q.size(0), q.size(1), -1, -1)
-    out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(q, k, v, bias_b, True, 0.0, causal)
-    return out, lse, ('efficient', bias_b, seed, offset)
+    out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(q, k, v, bias_b, True, 0.0, causal, scale=scale)
+    return out, lse, (bias_b, seed, offset)
 
 
-def _fused_backward(do, q, k, v, out, lse, bias, causal, saved):
+def _fused_backward(kind, do, q, k, v, out, lse, bias, causal, scale, saved):
     aten = torch.ops.aten
-    if saved[0] == 'cpu':
-        return aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, out, lse, 0.0, causal, attn_mask=bias)
-    if saved[0] == 'flash':
-        _, cu_q, cu_k, max_q, max_k, seed, offset = saved
+    if kind == 'cpu':
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale)
+    if kind == 'flash':
+        cu_q, cu_k, max_q, max_k, seed, offset = saved
         return aten._scaled_dot_product_flash_attention_backward(
-            do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, causal, seed, offset)
-    _, bias_b, seed, offset = saved
+            do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, causal, seed, offset, scale=scale)
+    bias_b, seed, offset = saved
     dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-        do, q, k, v, bias_b, out, lse, seed, offset, 0.0, [True, True, True, False], causal)
+        do, q, k, v, bias_b, out, lse, seed, offset, 0.0, [True, True, True, False], causal, scale=scale)
     return dq, dk, dv
 
 
@@ -140,20 +154,27 @@ class StableMaskSDPA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_mass, bias):
         causal = bias is None and q.size(-2) > 1  # a bias already holds the causal mask
-        out, lse, saved = _fused_forward(q, k, v, bias, causal)
+        D = q.size(-1)
+        capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
+        kind, width = fused_kernel(q.device.type, q.dtype, D, bias is not None, capability)
+        if width != D:
+            q, k, v = (F.pad(t, (0, width - D)) for t in (q, k, v))
+        out, lse, saved = _fused_forward(kind, q, k, v, bias, causal, 1 / math.sqrt(D))
         Tq = q.size(-2)
         lse_sm = lse.clone()
         lse_sm[..., :Tq] = torch.logaddexp(lse[..., :Tq], log_mass)
         out = out * torch.sigmoid(lse[..., :Tq] - log_mass).unsqueeze(-1).to(out.dtype)
         ctx.save_for_backward(q, k, v, out, lse_sm, bias)
-        ctx.causal, ctx.saved = causal, saved
-        return out
+        ctx.causal, ctx.kind, ctx.head_dim, ctx.saved = causal, kind, D, saved
+        return out[..., :D]
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse_sm, bias = ctx.saved_tensors
-        dq, dk, dv = _fused_backward(do.contiguous(), q, k, v, out, lse_sm, bias, ctx.causal, ctx.saved)
-        return dq, dk, dv, None, None
+        D = ctx.head_dim
+        do = F.pad(do, (0, q.size(-1) - D)) if q.size(-1) != D else do.contiguous()
+        grads = _fused_backward(ctx.kind, do, q, k, v, out, lse_sm, bias, ctx.causal, 1 / math.sqrt(D), ctx.saved)
+        return (*(g[..., :D] for g in grads), None, None)
 
 
 def stablemask_sdpa(q, k, v, gamma, alibi=None, pseudo_len=None, window=None):
@@ -166,7 +187,7 @@ def stablemask_sdpa(q, k, v, gamma, alibi=None, pseudo_len=None, window=None):
     if window is not None and window >= T:
         window = None  # it hides nothing
     bias = None if alibi is None and window is None else attention_bias(alibi, window, Tq, T, q.dtype, q.device)
-    if gamma is None:  # the causal baseline needs no correction
+    if gamma is None:  # the causal baseline needs no correction; PyTorch's dispatcher picks a kernel that fits
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and Tq > 1)
     rows = torch.arange(T - Tq, T, device=q.device)
     log_mass = log_pseudo_mass(gamma, rows, T if pseudo_len is None else pseudo_len)
@@ -180,8 +201,9 @@ def attend(q, k, v, gamma, alibi, pseudo_len, impl, window=None):
     if window is not None and window >= k.size(-2):
         window = None  # it hides nothing
     if impl == 'triton' and q.size(-2) == k.size(-2) and window is None:  # decode steps and windows use sdpa
-        from stablemask_kernel import stablemask_attention  # imported on use: the other paths need no Triton
-        return stablemask_attention(q, k, v, gamma, alibi, pseudo_len)
+        from stablemask_kernel import MAX_HEAD_DIM, stablemask_attention  # imported on use: the other paths need no Triton
+        if q.size(-1) <= MAX_HEAD_DIM:  # wider heads use sdpa too
+            return stablemask_attention(q, k, v, gamma, alibi, pseudo_len)
     if impl == 'reference':
         return stablemask_reference(q, k, v, gamma, alibi, pseudo_len, window)
     return stablemask_sdpa(q, k, v, gamma, alibi, pseudo_len, window)

@@ -9,11 +9,14 @@ skipped and nothing of size T x T is ever built. model.stablemask_reference is t
 computes; test_kernel.py checks the two against each other.
 
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here when CUDA is
-absent), which is how the tests run on a CPU.
+absent), which is how the tests run on a CPU. The forward and backward are registered as PyTorch
+custom operators (stablemask::attention_forward / _backward), so torch.compile treats them as
+opaque calls with known output shapes, fullgraph included.
 """
 
 import math
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,7 @@ if INTERPRET and type(tl.zeros).__name__ == "JITFunction":
     raise ImportError("triton was imported before TRITON_INTERPRET=1 was set, so its interpreter cannot run "
                       "these kernels: set TRITON_INTERPRET=1 in the environment, or import this module first")
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # the kernels work in base 2: exp(x) = exp2(x * log2(e))
+MAX_HEAD_DIM = 128
 
 
 @triton.jit
@@ -52,20 +56,35 @@ def _log2_pseudo_mass(gamma, rows, pseudo_len):
 
 @triton.jit
 def _rows(base, idx, stride, T, HEAD_DIM: tl.constexpr):
-    """Rows idx of one head's (T, HEAD_DIM) matrix, zeros past T: a (len(idx), HEAD_DIM) tile."""
-    return tl.load(base + idx[:, None] * stride + tl.arange(0, HEAD_DIM)[None, :], mask=idx[:, None] < T, other=0.0)
+    """Rows idx of one head's (T, HEAD_DIM) matrix, zeros past T: a (len(idx), HEAD_DIM) tile.
+    Offsets in int64: row x stride passes 2^31 at long T."""
+    return tl.load(base + idx[:, None].to(tl.int64) * stride + tl.arange(0, HEAD_DIM)[None, :], mask=idx[:, None] < T, other=0.0)
 
 
 @triton.jit
 def _rows_t(base, idx, stride, T, HEAD_DIM: tl.constexpr):
     """The same rows, transposed: a (HEAD_DIM, len(idx)) tile."""
-    return tl.load(base + idx[None, :] * stride + tl.arange(0, HEAD_DIM)[:, None], mask=idx[None, :] < T, other=0.0)
+    return tl.load(base + idx[None, :].to(tl.int64) * stride + tl.arange(0, HEAD_DIM)[:, None], mask=idx[None, :] < T, other=0.0)
 
 
 @triton.jit
 def _store_rows(base, idx, stride, T, tile, HEAD_DIM: tl.constexpr):
-    tl.store(base + idx[:, None] * stride + tl.arange(0, HEAD_DIM)[None, :], tile.to(base.dtype.element_ty),
+    tl.store(base + idx[:, None].to(tl.int64) * stride + tl.arange(0, HEAD_DIM)[None, :], tile.to(base.dtype.element_ty),
              mask=idx[:, None] < T)
+
+
+@triton.jit
+def _program(T, BLOCK: tl.constexpr, HEAVY_FIRST: tl.constexpr):
+    """(batch x head, first row of this program's block) from a 1-D grid of B*H*cdiv(T, BLOCK)
+    programs, heads outermost (a head's blocks run together and share its K, V in cache; one grid
+    axis has no 65,535 limit). With HEAVY_FIRST a head's last blocks, which see the most keys under
+    the causal mask, start first, so the short ones fill the tail of the launch."""
+    blocks = tl.cdiv(T, BLOCK)
+    pid = tl.program_id(0)
+    block = pid % blocks
+    if HEAVY_FIRST:
+        block = blocks - 1 - block
+    return pid // blocks, block * BLOCK
 
 
 # -----------------------------------------------------------------------------
@@ -98,11 +117,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, lo,
 @triton.jit
 def _attn_fwd(Q, K, V, Out, LSE, Gamma, Alibi, sm_scale, T, H, pseudo_len,
               stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-              stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+              stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, T_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_PSEUDO: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    bh, start_m = _program(T, BLOCK_M, True)
     b, h = (bh // H).to(tl.int64), bh % H
     rows = start_m + tl.arange(0, BLOCK_M)
     q = _rows(Q + b * stride_qb + h * stride_qh, rows, stride_qt, T, HEAD_DIM)
@@ -128,7 +146,7 @@ def _attn_fwd(Q, K, V, Out, LSE, Gamma, Alibi, sm_scale, T, H, pseudo_len,
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, start_m,
                                tl.minimum(start_m + BLOCK_M, T), T, qk_scale, alibi, HEAD_DIM, BLOCK_N,
                                HAS_ALIBI, True, PRECISION)
-    tl.store(LSE + bh * T + rows, m_i + tl.log2(l_i), mask=rows < T)  # the corrected log-sum-exp, base 2
+    tl.store(LSE + bh.to(tl.int64) * T + rows, m_i + tl.log2(l_i), mask=rows < T)  # the corrected log-sum-exp, base 2
     _store_rows(Out + b * stride_ob + h * stride_oh, rows, stride_ot, T, acc / l_i[:, None], HEAD_DIM)
 
 
@@ -140,12 +158,12 @@ def _attn_fwd(Q, K, V, Out, LSE, Gamma, Alibi, sm_scale, T, H, pseudo_len,
 def _bwd_preprocess(O, DO, Delta, T, H, stride_ob, stride_oh, stride_ot,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """Delta_i = rowsum(dO_i * O_i), with O StableMask's output."""
-    bh = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, start_m = _program(T, BLOCK_M, False)
+    rows = start_m + tl.arange(0, BLOCK_M)
     head = (bh // H).to(tl.int64) * stride_ob + (bh % H) * stride_oh
     o = _rows(O + head, rows, stride_ot, T, HEAD_DIM).to(tl.float32)
     do = _rows(DO + head, rows, stride_ot, T, HEAD_DIM).to(tl.float32)
-    tl.store(Delta + bh * T + rows, tl.sum(o * do, 1), mask=rows < T)
+    tl.store(Delta + bh.to(tl.int64) * T + rows, tl.sum(o * do, 1), mask=rows < T)
 
 
 @triton.jit
@@ -175,12 +193,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Alibi, sm_scale, T, H,
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                   stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                   stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, T_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
     """dK and dV of one key block: walk the query blocks from the diagonal down."""
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
+    bh, start_n = _program(T, BLOCK_N, False)  # the first key blocks are the heavy ones here: natural order
     b, h = (bh // H).to(tl.int64), bh % H
     cols = start_n + tl.arange(0, BLOCK_N)
     k = _rows(K + b * stride_kb + h * stride_kh, cols, stride_kt, T, HEAD_DIM)
@@ -191,10 +208,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Alibi, sm_scale, T, H,
     alibi = tl.load(Alibi + h) * LOG2E if HAS_ALIBI else 0.0
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * T, Delta + bh * T, stride_qt, stride_ot,
+    lse_base, delta_base = LSE + bh.to(tl.int64) * T, Delta + bh.to(tl.int64) * T
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ot,
                              cols, start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale, alibi,
                              HEAD_DIM, BLOCK_M, HAS_ALIBI, True, PRECISION)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + bh * T, Delta + bh * T, stride_qt, stride_ot,
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ot,
                              cols, start_n + BLOCK_N, T, T, qk_scale, alibi,
                              HEAD_DIM, BLOCK_M, HAS_ALIBI, False, PRECISION)
     head = b * stride_ob + h * stride_oh
@@ -226,18 +244,17 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, r
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Alibi, sm_scale, T, H,
                  stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                 stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                 stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, T_BUCKET,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
     """dQ of one query block: walk the key blocks up to the diagonal."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    bh, start_m = _program(T, BLOCK_M, True)
     b, h = (bh // H).to(tl.int64), bh % H
     rows = start_m + tl.arange(0, BLOCK_M)
     q = _rows(Q + b * stride_qb + h * stride_qh, rows, stride_qt, T, HEAD_DIM)
     do = _rows(DO + b * stride_ob + h * stride_oh, rows, stride_ot, T, HEAD_DIM)
-    lse = tl.load(LSE + bh * T + rows, mask=rows < T, other=float("inf"))
-    delta = tl.load(Delta + bh * T + rows, mask=rows < T, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rows < T, other=float("inf"))
+    delta = tl.load(Delta + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     qk_scale = sm_scale * LOG2E
@@ -253,7 +270,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Alibi, sm_scale, T, H,
 
 # -----------------------------------------------------------------------------
 # launch: fixed small blocks in the interpreter (several blocks even at small T, so the tests reach
-# every code path); autotuned on a GPU, cached per (T, head dim).
+# every code path); autotuned on a GPU, once per (length bucket, head dim, dtype, ...).
 
 
 def _configs(choices):
@@ -266,64 +283,141 @@ _FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 
 _DKDV_CONFIGS = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 4)]
 _DQ_CONFIGS = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3), (64, 16, 4, 4)]
 _INTERPRETER_BLOCKS = dict(fwd=(32, 16), dkdv=(16, 32), dq=(32, 16))
+# each kernel's configs, the block it streams through shared memory, the one it keeps, and how many tiles it keeps
+TILES = dict(fwd=(_FWD_CONFIGS, 'BLOCK_N', 'BLOCK_M', 1), dkdv=(_DKDV_CONFIGS, 'BLOCK_M', 'BLOCK_N', 2),
+             dq=(_DQ_CONFIGS, 'BLOCK_N', 'BLOCK_M', 2))
+SHARED_MEMORY = 227 * 1024  # per block on an H100 / H200; the GPU at hand says its own
+FP32_CONFIGS = 2  # float32 tunes only this many configs per kernel: each costs a compile
+
+
+def length_bucket(T):
+    """The autotuner's key for a sequence length: the next power of two (at least 64). Tuning once
+    per bucket, not per length, spares generation and varied-length training a re-tune at every T."""
+    return max(64, triton.next_power_of_2(T))
+
+
+def shared_memory(config, streamed, kept, kept_tiles, head_dim, itemsize):
+    """Bytes of shared memory a config's kernel uses, as the compiler lays it out for sm_90
+    (test_kernel.py checks this against it): num_stages buffers of the streamed block's two tiles
+    (K and V, or Q and dO), and the kept block's kept_tiles tiles, which float32's tf32x3 holds twice
+    (high and low halves)."""
+    copies = kept_tiles * (2 if itemsize == 4 else 1)
+    return (config.num_stages * 2 * config.kwargs[streamed] + copies * config.kwargs[kept]) * head_dim * itemsize
+
+
+def _shared_memory_limit(device):
+    if INTERPRET:
+        return SHARED_MEMORY
+    return triton.runtime.driver.active.utils.get_device_properties(device.index)['max_shared_mem']
+
+
+def _tiles_that_fit(streamed, kept, kept_tiles):
+    """An early prune for the autotuner, run before anything compiles (a config too big for the GPU
+    would otherwise be compiled, then fail): the configs that fit in shared memory, smallest first;
+    float32 keeps only the FP32_CONFIGS smallest, as its kernels compile slowest."""
+    def prune(configs, named_args, **kwargs):
+        q = named_args['Q']
+        size = lambda c: shared_memory(c, streamed, kept, kept_tiles, kwargs['HEAD_DIM'], q.element_size())
+        limit = _shared_memory_limit(q.device)
+        fitting = sorted((c for c in configs if size(c) <= limit), key=size) or [min(configs, key=size)]
+        return fitting[:FP32_CONFIGS] if q.dtype == torch.float32 else fitting
+    return prune
+
+
+def _autotuned(kernel, choices, streamed, kept, kept_tiles, key=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI'), do_bench=None):
+    return triton.autotune(_configs(choices), key=list(key), do_bench=do_bench,
+                           prune_configs_by={'early_config_prune': _tiles_that_fit(streamed, kept, kept_tiles)})(kernel)
+
 
 if INTERPRET:
     _kernels = dict(fwd=_attn_fwd, dkdv=_attn_bwd_dkdv, dq=_attn_bwd_dq)
 else:
-    _key = ['T', 'HEAD_DIM', 'HAS_ALIBI']
-    _kernels = dict(fwd=triton.autotune(_configs(_FWD_CONFIGS), key=_key + ['HAS_PSEUDO'])(_attn_fwd),
-                    dkdv=triton.autotune(_configs(_DKDV_CONFIGS), key=_key)(_attn_bwd_dkdv),
-                    dq=triton.autotune(_configs(_DQ_CONFIGS), key=_key)(_attn_bwd_dq))
+    _kernels = dict(fwd=_autotuned(_attn_fwd, *TILES['fwd'], key=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'HAS_PSEUDO')),
+                    dkdv=_autotuned(_attn_bwd_dkdv, *TILES['dkdv']), dq=_autotuned(_attn_bwd_dq, *TILES['dq']))
 
 
 def _launch(name, grid_blocks, BH, T, *args, **kwargs):
-    """Launch kernel `name` over (blocks of T, B*H); grid_blocks names the block size that tiles T."""
-    if INTERPRET:
-        m, n = _INTERPRETER_BLOCKS[name]
-        _kernels[name][(triton.cdiv(T, m if grid_blocks == 'BLOCK_M' else n), BH)](*args, BLOCK_M=m, BLOCK_N=n, **kwargs)
+    """Launch kernel `name` on a 1-D grid of B*H*cdiv(T, block) programs; grid_blocks names the
+    block size that tiles T."""
+    kernel = _kernels[name]
+    if isinstance(kernel, triton.runtime.Autotuner):
+        kernel[lambda meta: (BH * triton.cdiv(T, meta[grid_blocks]),)](*args, **kwargs)
     else:
-        _kernels[name][lambda meta: (triton.cdiv(T, meta[grid_blocks]), BH)](*args, **kwargs)
+        m, n = _INTERPRETER_BLOCKS[name]
+        kernel[(BH * triton.cdiv(T, m if grid_blocks == 'BLOCK_M' else n),)](*args, BLOCK_M=m, BLOCK_N=n, **kwargs)
 
 
 def _strides(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-class _StableMaskAttention(torch.autograd.Function):
+def _precision(dtype):
+    # float32 inputs: three TF32 products per product (about float32's accuracy at tensor-core speed,
+    # and a compile of seconds where "ieee" FMA loops take minutes at head dim 128)
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
-    @staticmethod
-    def forward(ctx, q, k, v, gamma, alibi, pseudo_len, sm_scale):
-        B, H, T, D = q.shape
-        # O, dO, dQ, dK and dV share one layout: (B, T, H, D) in memory, so that merging the heads is free
-        o = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
-        lse = torch.empty((B * H, T), device=q.device, dtype=torch.float32)
-        precision = "ieee" if q.dtype == torch.float32 else "tf32"  # full fp32 products for fp32 inputs
-        dummy = lse  # stands in for an absent gamma or alibi; never read
-        _launch('fwd', 'BLOCK_M', B * H, T, q, k, v, o, lse,
-                dummy if gamma is None else gamma, dummy if alibi is None else alibi,
-                sm_scale, T, H, pseudo_len, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                HEAD_DIM=D, HAS_PSEUDO=gamma is not None, HAS_ALIBI=alibi is not None, PRECISION=precision)
-        ctx.save_for_backward(q, k, v, o, lse, alibi)
-        ctx.sm_scale, ctx.precision = sm_scale, precision
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, alibi = ctx.saved_tensors
-        B, H, T, D = q.shape
-        if do.stride() != o.stride():
-            do = torch.empty_like(o).copy_(do)
-        dq, dk, dv = torch.empty_like(o), torch.empty_like(o), torch.empty_like(o)
-        delta = torch.empty_like(lse)
-        block = 64 if not INTERPRET else 32
-        _bwd_preprocess[(triton.cdiv(T, block), B * H)](o, do, delta, T, H, *_strides(o), HEAD_DIM=D, BLOCK_M=block)
-        common = dict(HEAD_DIM=D, HAS_ALIBI=alibi is not None, PRECISION=ctx.precision)
-        args = (q, k, v, do)
-        tail = (lse, delta, lse if alibi is None else alibi, ctx.sm_scale, T, H,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(o))
-        _launch('dkdv', 'BLOCK_N', B * H, T, *args, dk, dv, *tail, **common)
-        _launch('dq', 'BLOCK_M', B * H, T, *args, dq, *tail, **common)
-        return dq, dk, dv, None, None, None, None
+@torch.library.custom_op("stablemask::attention_forward", mutates_args=())
+def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: Optional[torch.Tensor],
+                       alibi: Optional[torch.Tensor], pseudo_len: int, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O in the (B, T, H, D) memory layout, the base-2 log-sum-exp with the pseudo mass, (B*H, T))."""
+    B, H, T, D = q.shape
+    # O, dO, dQ, dK and dV share one layout: (B, T, H, D) in memory, so that merging the heads is free
+    o = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty((B * H, T), device=q.device, dtype=torch.float32)
+    dummy = lse  # stands in for an absent gamma or alibi; never read
+    _launch('fwd', 'BLOCK_M', B * H, T, q, k, v, o, lse,
+            dummy if gamma is None else gamma, dummy if alibi is None else alibi,
+            sm_scale, T, H, pseudo_len, *_strides(q), *_strides(k), *_strides(v), *_strides(o), length_bucket(T),
+            HEAD_DIM=D, HAS_PSEUDO=gamma is not None, HAS_ALIBI=alibi is not None, PRECISION=_precision(q.dtype))
+    return o, lse
+
+
+@_attention_forward.register_fake
+def _(q, k, v, gamma, alibi, pseudo_len, sm_scale):
+    B, H, T, D = q.shape
+    return q.new_empty((B, T, H, D)).transpose(1, 2), q.new_empty((B * H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("stablemask::attention_backward", mutates_args=())
+def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                        lse: torch.Tensor, alibi: Optional[torch.Tensor], sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ, dK, dV, each in O's memory layout."""
+    B, H, T, D = q.shape
+    if do.stride() != o.stride():
+        do = torch.empty_like(o).copy_(do)
+    dq, dk, dv = torch.empty_like(o), torch.empty_like(o), torch.empty_like(o)
+    delta = torch.empty_like(lse)
+    block = 64 if not INTERPRET else 32
+    _bwd_preprocess[(B * H * triton.cdiv(T, block),)](o, do, delta, T, H, *_strides(o), HEAD_DIM=D, BLOCK_M=block)
+    common = dict(HEAD_DIM=D, HAS_ALIBI=alibi is not None, PRECISION=_precision(q.dtype))
+    args = (q, k, v, do)
+    tail = (lse, delta, lse if alibi is None else alibi, sm_scale, T, H,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o), length_bucket(T))
+    _launch('dkdv', 'BLOCK_N', B * H, T, *args, dk, dv, *tail, **common)
+    _launch('dq', 'BLOCK_M', B * H, T, *args, dq, *tail, **common)
+    return dq, dk, dv
+
+
+@_attention_backward.register_fake
+def _(do, q, k, v, o, lse, alibi, sm_scale):
+    return torch.empty_like(o), torch.empty_like(o), torch.empty_like(o)
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, gamma, alibi, pseudo_len, sm_scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, alibi)
+    ctx.sm_scale = sm_scale
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, alibi = ctx.saved_tensors
+    dq, dk, dv = _attention_backward(do, q, k, v, o, lse, alibi, ctx.sm_scale)
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd("stablemask::attention_forward", _backward, setup_context=_save_for_backward)
 
 
 def stablemask_attention(q, k, v, gamma=None, alibi=None, pseudo_len=None, sm_scale=None):
@@ -338,8 +432,8 @@ def stablemask_attention(q, k, v, gamma=None, alibi=None, pseudo_len=None, sm_sc
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"q, k, v must share one dtype of float32, float16, bfloat16; got {q.dtype}, {k.dtype}, {v.dtype}")
     B, H, T, D = q.shape
-    if D > 128:
-        raise ValueError(f"head dim {D} is above the kernel's 128")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {D} is above the kernel's {MAX_HEAD_DIM}")
     if not q.is_cuda and not INTERPRET:
         raise ValueError("tensors are on the CPU: run with TRITON_INTERPRET=1 set before triton is imported")
     if isinstance(gamma, (int, float)):
@@ -350,10 +444,10 @@ def stablemask_attention(q, k, v, gamma=None, alibi=None, pseudo_len=None, sm_sc
     gamma = None if gamma is None else gamma.to(device=q.device, dtype=torch.float32).contiguous()
     alibi = None if alibi is None else alibi.to(device=q.device, dtype=torch.float32).contiguous()
     pseudo_len = T if pseudo_len is None else int(pseudo_len)
-    sm_scale = 1 / math.sqrt(D) if sm_scale is None else sm_scale
+    sm_scale = 1 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     width = max(16, triton.next_power_of_2(D))  # tl.dot wants power-of-two tiles of at least 16
     if width != D:
         q, k, v = (F.pad(t, (0, width - D)) for t in (q, k, v))  # zero columns change no dot product
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = _StableMaskAttention.apply(q, k, v, gamma, alibi, pseudo_len, sm_scale)
+    out, _ = _attention_forward(q, k, v, gamma, alibi, pseudo_len, sm_scale)
     return out[..., :D]

@@ -19,8 +19,10 @@ from configurator import configure
 from model import PRESETS, load_checkpoint, model_from_checkpoint
 from prepare_data import PrepareError, prepare, tokenizer_from_meta, tokenizer_safe_chunks
 
+# on the CPU wherever runs are compared number for number (on a GPU, autotuning and bf16 may differ
+# between two processes); test_gpu.py trains on the GPU
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=4',
-        '--log_interval=5', '--warmup_iters=5', '--learning_rate=3e-3', '--min_lr=3e-4']
+        '--log_interval=5', '--warmup_iters=5', '--learning_rate=3e-3', '--min_lr=3e-4', '--device=cpu']
 
 
 def read_log(out_dir):
@@ -201,7 +203,7 @@ def test_train_loss_falls_then_sample(workdir, trained):
     out = run_script('sample.py', '--init_from=out-a', '--start=The ', '--num_samples=2', '--max_new_tokens=40', cwd=workdir).stdout
     samples = out.split('---------------\n')
     assert len(samples) == 3 and all(s.startswith('The ') and len(s) > 40 for s in samples[:2])
-    greedy = ['--init_from=out-a/ckpt.pt', '--start=The ', '--num_samples=1', '--max_new_tokens=60', '--temperature=0']
+    greedy = ['--init_from=out-a/ckpt.pt', '--start=The ', '--num_samples=1', '--max_new_tokens=60', '--temperature=0', '--device=cpu']
     cached = run_script('sample.py', *greedy, cwd=workdir).stdout
     assert cached == run_script('sample.py', *greedy, '--use_cache=False', cwd=workdir).stdout
 
@@ -350,7 +352,7 @@ def test_checkpoint_that_does_not_fit_is_refused(workdir, trained, tmp_path, dam
     assert sorted(p.name for p in out.iterdir()) == ['ckpt.pt']
 
 
-@pytest.mark.parametrize('script', ['train.py', 'sample.py', 'bench.py', 'experiments.py', 'prepare_data.py'])
+@pytest.mark.parametrize('script', ['train.py', 'sample.py', 'bench.py', 'experiments.py', 'prepare_data.py', 'gpu_check.py'])
 def test_help_lists_every_setting(tmp_path, script):
     """-h and --help print the settings block at the top of the script: each default and its comment."""
     for flag in ('--help', '-h'):
@@ -523,7 +525,7 @@ def test_samples_past_block_size_read_like_the_training_text(workdir):
     do; attending to the whole context (lengths the model never saw) drifts away from it."""
     run_script('train.py', '--n_layer=4', '--n_head=4', '--n_embd=128', '--block_size=32', '--batch_size=16',
                '--max_iters=300', '--eval_interval=1000', '--eval_iters=4', '--warmup_iters=30', '--learning_rate=3e-3',
-               '--min_lr=3e-4', '--out_dir=out-window', cwd=workdir)
+               '--min_lr=3e-4', '--out_dir=out-window', '--device=cpu', cwd=workdir)
     checkpoint = load_checkpoint(str(workdir / 'out-window'))
     model, chars = model_from_checkpoint(checkpoint).eval(), checkpoint['meta']['chars']
     train_ids = np.fromfile(workdir / 'data' / 'pydoc_char' / 'train.bin', dtype=np.uint16)
@@ -543,7 +545,7 @@ def test_samples_past_block_size_read_like_the_training_text(workdir):
     assert distance(texts[True][:, 32:]) <= 1.1 * first  # the default: a sliding window
     assert distance(texts[False][:, 32:]) > first  # the whole context, still a setting
 
-    sample = ['--init_from=out-window', '--num_samples=1', '--max_new_tokens=200']  # sample.py: the same, by default
+    sample = ['--init_from=out-window', '--num_samples=1', '--max_new_tokens=200', '--device=cpu']  # sample.py: the same, by default
     window, whole = (run_script('sample.py', *sample, *args, cwd=workdir).stdout for args in ([], ['--sliding_window=False']))
     assert window[:33] == whole[:33] and window != whole
 
@@ -551,12 +553,12 @@ def test_samples_past_block_size_read_like_the_training_text(workdir):
 def test_torchrun_with_a_cpu_config(workdir):
     """The CPU config under torchrun says, once, what to pass; the README's command then runs."""
     config = os.path.join(REPO, 'config', 'train_pydoc_char.py')
-    result = run_script('train.py', config, '--out_dir=out-cpu-ddp', cwd=workdir, torchrun=2, expect_ok=False)
+    result = run_script('train.py', config, '--device=cpu', '--out_dir=out-cpu-ddp', cwd=workdir, torchrun=2, expect_ok=False)
     assert result.returncode != 0 and result.stderr.count('train.py: error:') == 1, result.stderr
     assert 'gradient_accumulation_steps=1 is not a multiple of the 2 processes: pass --gradient_accumulation_steps=2' in result.stderr
     assert not (workdir / 'out-cpu-ddp').exists()
-    result = run_script('train.py', config, '--gradient_accumulation_steps=2', '--out_dir=out-cpu-ddp', '--max_iters=4',
-                        '--eval_interval=4', '--eval_iters=2', cwd=workdir, torchrun=2)
+    result = run_script('train.py', config, '--gradient_accumulation_steps=2', '--device=cpu', '--out_dir=out-cpu-ddp',
+                        '--max_iters=4', '--eval_interval=4', '--eval_iters=2', cwd=workdir, torchrun=2)
     assert load_checkpoint(str(workdir / 'out-cpu-ddp'))['iter_num'] == 4
 
 

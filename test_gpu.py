@@ -1,0 +1,91 @@
+"""
+What only a GPU can check, each test skipped without CUDA: every autotune configuration of the three
+Triton kernels forced once against float64 (bf16, fp16, fp32), the sdpa path's CUDA branches (flash,
+memory-efficient, padded head dims) and decode steps, autotuning once per length bucket, and train.py
+on the GPU, eager against torch.compile. `python gpu_check.py` runs these, the rest of the suite on
+the GPU and a short benchmark, in one command.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+import stablemask_kernel as sk
+from conftest import run_script
+from model import GPT, GPU_PEAK_FLOPS, GPTConfig, KVCache, alibi_slopes, fused_kernel
+from test_kernel import check, inputs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+CASES = [  # dtype, T, head dim (80: padded to 128), ALiBi, pseudo_len beyond T
+    (torch.bfloat16, 257, 128, True, 0), (torch.float16, 300, 64, False, 40), (torch.float32, 200, 64, True, 0),
+    (torch.bfloat16, 33, 80, False, 7), (torch.bfloat16, 1, 64, False, 0)]
+
+
+@pytest.mark.parametrize('index', range(len(sk._FWD_CONFIGS)))
+@pytest.mark.parametrize('dtype,T,D,alibi,extra', CASES)
+def test_every_autotune_config_against_float64(poisoned, monkeypatch, index, dtype, T, D, alibi, extra):
+    """Each configuration the autotuner may pick, forced for all three kernels, against float64;
+    float32 configurations too big for shared memory are the ones the autotuner prunes."""
+    width = max(16, 1 << (D - 1).bit_length())
+    limit = sk._shared_memory_limit(torch.device('cuda'))
+    for name, (choices, *tiles) in sk.TILES.items():
+        config = sk._configs(choices)[index]
+        if sk.shared_memory(config, *tiles, width, dtype.itemsize) > limit:
+            pytest.skip(f"{name} config {choices[index]} does not fit {dtype} at head dim {width}: pruned")
+        monkeypatch.setattr(sk._kernels[name], 'configs', [config])
+        monkeypatch.setattr(sk._kernels[name], 'cache', {})
+    q, k, v, do = inputs(2, 4, T, D, dtype, seed=index)
+    check('kernel', q, k, v, do, alibi_slopes(4), alibi_slopes(4) if alibi else None, T + extra)
+
+
+@pytest.mark.parametrize('dtype,D,alibi,kind', [
+    (torch.bfloat16, 128, False, 'flash'), (torch.float16, 20, False, 'flash'), (torch.bfloat16, 160, False, 'flash'),
+    (torch.bfloat16, 64, True, 'efficient'), (torch.float32, 64, False, 'efficient'), (torch.float32, 36, True, 'efficient')])
+def test_sdpa_cuda_branches(poisoned, dtype, D, alibi, kind):
+    assert fused_kernel('cuda', dtype, D, alibi, torch.cuda.get_device_capability())[0] == kind
+    q, k, v, do = inputs(2, 3, 77, D, dtype, seed=D)
+    check('sdpa', q, k, v, do, alibi_slopes(3), alibi_slopes(3) if alibi else None)
+
+
+@pytest.mark.parametrize('n_embd,n_head,pos_enc', [(64, 2, 'rope'), (60, 3, 'alibi'), (320, 2, 'rope')])
+@pytest.mark.parametrize('window', [None, 24])
+def test_decode_steps_on_the_gpu(n_embd, n_head, pos_enc, window):
+    """Cached decode steps (the sdpa path, one query) equal a full forward pass (the Triton kernel,
+    or sdpa where a window or a head dim past 128 rules it out), head dims 32, 20 and 160."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=24, vocab_size=97, n_layer=2, n_head=n_head, n_embd=n_embd, pos_enc=pos_enc)).cuda().eval()
+    idx = torch.randint(0, 97, (2, 60), device='cuda')
+    cache = KVCache(model.config.n_layer, 60, window)
+    with torch.no_grad():
+        steps = [model(idx[:, :10], pseudo_len=24, kv_cache=cache)[0]]
+        steps += [model(idx[:, t:t + 1], pseudo_len=24, kv_cache=cache)[0] for t in range(10, 60)]
+        full = model(idx, targets=idx, pseudo_len=24, window=window)[0]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 9:], rtol=1e-3, atol=1e-3)
+
+
+def test_generation_tunes_once_per_length_bucket():
+    """Uncached generation runs the Triton forward at every length: tuned once per bucket, not per token."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, vocab_size=97, n_layer=1, n_head=2, n_embd=64, attn_impl='triton')).cuda().eval()
+    before = len(sk._kernels['fwd'].cache)
+    model.generate(torch.randint(0, 97, (1, 70), device='cuda'), 40, temperature=0, use_cache=False)  # lengths 70 to 109
+    assert len(sk._kernels['fwd'].cache) - before <= 1
+
+
+def test_train_on_the_gpu_eager_and_compiled(tmp_path):
+    run_script('prepare_data.py', '--tokenizer=char', cwd=tmp_path)
+    args = ['--n_layer=2', '--n_head=2', '--n_embd=128', '--block_size=256', '--batch_size=8', '--max_iters=20',
+            '--eval_interval=20', '--eval_iters=2', '--log_interval=5', '--attn_impl=triton']
+    logs = {}
+    for compile in (False, True):
+        run_script('train.py', *args, f'--compile={compile}', f'--out_dir=out-{compile}', cwd=tmp_path, timeout=600)
+        with open(tmp_path / f'out-{compile}' / 'log.jsonl') as f:
+            logs[compile] = [json.loads(line) for line in f]
+    eager, compiled = ([r['loss'] for r in logs[c] if 'loss' in r] for c in (False, True))
+    assert len(eager) == len(compiled) == 4 and eager[-1] < eager[0]
+    assert compiled == pytest.approx(eager, rel=2e-2)  # bf16 autocast; fused and unfused rounding differ
+    if any(key in torch.cuda.get_device_name() for key in GPU_PEAK_FLOPS):
+        assert 0 < logs[False][-1]['mfu'] < 1
+    assert os.path.getsize(tmp_path / 'out-True' / 'ckpt.pt') > 0
