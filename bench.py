@@ -11,14 +11,20 @@ reference until it runs out of memory; forward, backward and both; T from 512 to
 and 128, bf16 and fp16, batch x heads filling the GPU (B*T = 16k tokens, H*D = 2048). Then the 160M
 model's training tokens/s and MFU with StableMask and with causal attention, at sequence 1024 and 4096.
 On a CPU: the 'sdpa' path against the reference and causal SDPA at small sizes, and a tiny model.
+With --data_mb: preparing a generated corpus of that many MB of text (jsonl, GPT-2 BPE): MB/s per
+core against tiktoken alone on one thread, and the peak resident memory of all processes together.
 
 Times are medians (triton.testing.do_bench on a GPU). TFLOP/s counts 4*B*H*T^2*D/2 for a causal
 forward and 2.5x that for the backward; "x SDPA" is SDPA-causal's time over the row's (above 1 is faster).
 B*T is fixed, so memory linear in T shows as a peak-memory column that stays flat as T grows.
 """
 
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -34,10 +40,12 @@ tokens = 16384  # B * T of the attention inputs (on a GPU)
 width = 2048  # H * D of the attention inputs (on a GPU)
 model_preset = '160M'  # the whole-model benchmark on a GPU ('tiny' on a CPU)
 flex = True  # FlexAttention among the implementations on a GPU (its compiles take minutes)
+data_mb = 0  # also time prepare_data.py on a generated corpus of this many MB of text (0: not)
+attention = True  # the attention and model tables (False with data_mb: the data table alone)
 seed = 0
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':  # imported (the tests do), it keeps its defaults
-    configure_script(globals(), sys.argv[1:], rules=dict(tokens='>0', width='>0', model_preset=tuple(PRESETS)))
+    configure_script(globals(), sys.argv[1:], rules=dict(tokens='>0', width='>0', model_preset=tuple(PRESETS), data_mb='>=0'))
 cuda = torch.cuda.is_available()
 device = 'cuda' if cuda else 'cpu'
 
@@ -213,16 +221,93 @@ def model_table(preset, runs):
             sys.stdout.flush()
 
 
+def peak_memory(command, cwd=None):
+    """Run command; (seconds, the largest memory of it and all its descendants together, in MiB,
+    sampled every 100 ms from Linux's /proc). Each process counts its proportional share (PSS) of
+    pages it shares with others (forked workers share their parent's), so nothing counts twice."""
+    log = tempfile.TemporaryFile()  # not a pipe: a child's progress bar would fill it, then wait for a reader
+    start, proc, peak = time.time(), subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log), 0
+    while proc.poll() is None:
+        tree, total = {proc.pid}, 0
+        for pid in sorted(int(p) for p in os.listdir('/proc') if p.isdigit()):  # parents start before their children
+            try:
+                with open(f'/proc/{pid}/stat') as f:
+                    if int(f.read().rpartition(')')[2].split()[1]) in tree:
+                        tree.add(pid)
+            except OSError:
+                pass
+        for pid in tree:
+            try:
+                with open(f'/proc/{pid}/smaps_rollup') as f:
+                    total += next(int(line.split()[1]) for line in f if line.startswith('Pss:'))
+            except (OSError, StopIteration):
+                pass
+        peak = max(peak, total / 1024)
+        time.sleep(0.1)
+    if proc.returncode:
+        log.seek(0)
+        raise RuntimeError(f"{' '.join(command)} failed: {log.read().decode()[-500:]}")
+    return time.time() - start, peak
+
+
+def generated_corpus(folder, mb, seed=0):
+    """A jsonl corpus of `mb` MB of English text: pydoc's help pages cut at random into documents of
+    200 to 6,000 characters, numbered. Returns (its path, the documents of its first 20 MB)."""
+    import numpy as np
+    from pydoc_data.topics import topics
+    rng = np.random.default_rng(seed)
+    text = '\n'.join(topics[k] for k in sorted(topics))
+    path, written, sample = os.path.join(folder, 'corpus.jsonl'), 0, []
+    with open(path, 'w') as f:
+        while written < mb * 1e6:
+            start, length = int(rng.integers(0, len(text) - 6000)), int(rng.integers(200, 6000))
+            doc = f"{len(sample)}. {text[start:start + length]}"
+            f.write(json.dumps({'text': doc}) + '\n')
+            written += len(doc.encode())
+            if written < 20e6:
+                sample.append(doc)
+    return path, sample
+
+
+def data_table(mb):
+    """prepare_data.py on a generated corpus (GPT-2 BPE): MB of text per second per core, against
+    tiktoken alone on one thread, and the peak memory of every process it starts."""
+    from prepare_data import gpt2_encoding
+    cores = os.cpu_count()
+    with tempfile.TemporaryDirectory() as folder:
+        path, sample = generated_corpus(folder, mb)
+        enc = gpt2_encoding()
+        sample_mb = sum(len(d.encode()) for d in sample) / 1e6
+
+        def tiktoken_alone():  # measured again before each run: this machine's speed drifts
+            start = time.time()
+            for doc in sample:
+                enc.encode_to_numpy(doc, disallowed_special=())  # tiktoken's fastest call, the one prepare_data.py makes
+            return sample_mb / (time.time() - start)
+        print(f"\n### Preparing {mb:,} MB of text (jsonl, GPT-2 BPE), {cores} cores\n")
+        print("| processes | MB/s | MB/s per core | tiktoken alone, one thread, MB/s | x tiktoken alone, per core | peak MiB, all processes |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+        for workers in sorted({1, cores}):
+            alone = tiktoken_alone()
+            seconds, peak = peak_memory([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prepare_data.py'),
+                                         '--input', path, f'--workers={workers}', f'--out_dir={folder}', f'--name=w{workers}'])
+            rate = mb / seconds
+            print(f"| {workers} | {rate:.1f} | {rate / workers:.1f} | {alone:.1f} | {rate / workers / alone:.2f} | {peak:,.0f} |")
+            sys.stdout.flush()
+
+
 if __name__ == '__main__':
     torch.manual_seed(seed)
-    if cuda:
+    if data_mb:
+        data_table(data_mb)
+    if attention and cuda:
         import triton
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
         lengths = [2048, 4096, 8192] if quick else [512, 1024, 2048, 4096, 8192, 16384]
         for D, dtype in [(128, torch.bfloat16)] if quick else [(64, torch.bfloat16), (128, torch.bfloat16), (64, torch.float16), (128, torch.float16)]:
             attention_table(D, dtype, lengths)
         model_table(model_preset, [(1024, 8), (4096, 2)] if quick else [(1024, 16), (4096, 4)])
-    else:
+    elif attention:
         print(f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")
         attention_table(64, torch.float32, [256, 512] if quick else [256, 512, 1024, 2048])
         model_table('tiny', [(256, 4)] if quick else [(256, 8), (1024, 2)])

@@ -1,71 +1,67 @@
 """
-Text to token files for train.py.
+Text to token files for train.py, streamed: memory stays flat however large the corpus.
 
     python prepare_data.py                                # offline: the English help text that ships with Python
     python prepare_data.py shakespeare --tokenizer=char   # Tiny Shakespeare: downloaded, or --input a local copy
     python prepare_data.py wikitext103                    # the paper's WikiText-103 (raw), a 190 MB download
-    python prepare_data.py --input notes/ book.txt --name=mine   # your own UTF-8 text files or folders
+    python prepare_data.py minipile                       # MiniPile's parquet files (6 GB), or --input a local copy
+    python prepare_data.py pile --input pile/train/ --val_input pile/val.jsonl.zst   # the Pile's .jsonl.zst files
+    python prepare_data.py --input notes/ book.txt --name=mine   # your own files and folders
+
+Inputs: .jsonl, .jsonl.gz, .jsonl.zst (a document per line, in its `text` field; --text_key names
+another), .parquet (a `text` column), and any other file as one UTF-8 document (corpus.py). A
+malformed line or record is skipped, counted and reported at the end, and more than --max_malformed
+of them stops the run. zstandard and pyarrow are needed only for their formats.
 
 Writes data/<name>/train.bin and val.bin (token ids, uint16, or uint32 for a vocabulary past 65536)
-and meta.json (tokenizer, vocabulary size, token counts, the character table for 'char'). <name> is
-the source, with '_char' added for the character tokenizer. Tokenizers: 'gpt2', GPT-2's BPE through
-tiktoken (its 'r50k_base' is the same vocabulary in one file, so an offline machine can load it from
-TIKTOKEN_CACHE_DIR), and 'char', one token per character of the text.
+and meta.json, last (tokenizer, vocabulary size, token counts, the character table for 'char').
+<name> is the source, with '_char' added for the character tokenizer. Tokenizers: 'gpt2', GPT-2's
+BPE through tiktoken (its 'r50k_base' is the same vocabulary in one file, so an offline machine can
+load it from TIKTOKEN_CACHE_DIR), with <|endoftext|> after every document; and 'char', one token
+per character, with a newline after every document; its table comes from a first pass over the text.
+
+Validation: WikiText-103 and MiniPile keep their own splits, and --val_input gives one. Otherwise
+each document is cut into sections (a document of up to 8k characters whole, a longer one in parts
+of about 1k) and section i of the corpus is held out when a hash of i falls below --val_fraction
+(corpus.held_out): no corpus size is needed in advance, and the same text is held out for every
+tokenizer.
+
+Every core tokenizes (a process per core): the output is the same, byte for byte, for any --workers,
+and equals, document by document, the tokenizer on the whole document. The work goes in chunks of
+--chunk_chars characters; a run that is stopped or killed continues from its last finished chunk
+when the same command runs again, and ends with the same bytes.
 """
 
 import argparse
+import hashlib
+import io
 import json
+import multiprocessing
 import os
 import sys
 import urllib.error
 import urllib.request
 import zipfile
+from collections import deque
 
 import numpy as np
 from tqdm import tqdm
 
+from corpus import CorpusError, Tally, documents, files_under, held_out, sections, text_document
+
 SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 WIKITEXT103_URL = 'https://wikitext.smerity.com/wikitext-103-raw-v1.zip'
+MINIPILE_LIST_URL = 'https://datasets-server.huggingface.co/parquet?dataset=JeanKaddour/minipile'  # the Hub's parquet listing
 GPT2_EOT = 50256  # <|endoftext|>, placed after every document
 
 
 class PrepareError(Exception):
-    """Bad input: reported as one line, and nothing is written."""
+    """Bad input: reported as one line."""
 
 
 # -----------------------------------------------------------------------------
-# sources: each returns {'all': [documents]} (split by val_fraction) or {'train': [...], 'val': [...]}
-
-
-def read_text(path):
-    try:
-        with open(path, 'rb') as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise PrepareError(f"{path}: no such file or folder") from None
-    except OSError as e:
-        raise PrepareError(f"{path}: {e.strerror}") from None
-    try:
-        return data.decode('utf-8')
-    except UnicodeDecodeError as e:
-        raise PrepareError(f"{path}: not UTF-8 text (undecodable byte at offset {e.start})") from None
-
-
-def files_under(paths):
-    """The files named, and every non-hidden file under the folders named, in a stable order."""
-    found = []
-    for path in paths:
-        if os.path.isdir(path):
-            for root, dirs, files in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-                found += [os.path.join(root, f) for f in sorted(files) if not f.startswith('.')]
-        elif os.path.exists(path):
-            found.append(path)
-        else:
-            raise PrepareError(f"{path}: no such file or folder")
-    if not found:
-        raise PrepareError(f"no files under {' '.join(paths)}")
-    return found
+# sources: each returns {'all': read} (held out by corpus.held_out) or {'train': read, 'val': read},
+# read(tally) yielding (piece, last) for every document, and the files read, for resuming
 
 
 def download(url, dest):
@@ -94,45 +90,88 @@ def download(url, dest):
     return dest
 
 
-def load_pydoc(inputs, cache_dir):
+def from_files(paths, text_key):
+    return lambda tally: documents(paths, text_key, tally)
+
+
+def load_pydoc(args, cache_dir):
     from pydoc_data.topics import topics  # the help() pages: ~460k characters of English, in every Python
-    return {'all': [topics[name] for name in sorted(topics)]}
+
+    def read(tally):
+        for name in sorted(topics):
+            tally.documents += 1
+            yield topics[name], True
+    return {'all': read}, []
 
 
-def load_shakespeare(inputs, cache_dir):
-    path = inputs[0] if inputs else download(SHAKESPEARE_URL, os.path.join(cache_dir, 'input.txt'))
-    return {'all': [read_text(path)]}
+def load_shakespeare(args, cache_dir):
+    path = files_under(args.input[:1])[0] if args.input else download(SHAKESPEARE_URL, os.path.join(cache_dir, 'input.txt'))
+    return {'all': from_files([path], args.text_key)}, [path]
 
 
-def load_wikitext103(inputs, cache_dir):
+def load_wikitext103(args, cache_dir):
     """WikiText-103 raw, with its own train and validation splits; --input takes the zip or its folder."""
-    path = inputs[0] if inputs else download(WIKITEXT103_URL, os.path.join(cache_dir, 'wikitext-103-raw-v1.zip'))
+    path = args.input[0] if args.input else download(WIKITEXT103_URL, os.path.join(cache_dir, 'wikitext-103-raw-v1.zip'))
     if not os.path.exists(path):
         raise PrepareError(f"{path}: no such file or folder")
     names = {'train': 'wiki.train.raw', 'val': 'wiki.valid.raw'}
     if os.path.isdir(path):
-        return {split: [read_text(os.path.join(path, name))] for split, name in names.items()}
+        return {split: from_files([os.path.join(path, name)], args.text_key) for split, name in names.items()}, [path]
     try:
         with zipfile.ZipFile(path) as archive:
             members = {os.path.basename(m): m for m in archive.namelist()}
-            missing = [name for name in names.values() if name not in members]
-            if missing:
-                raise PrepareError(f"{path}: no {', '.join(missing)} in the archive")
-            return {split: [archive.read(members[name]).decode('utf-8')] for split, name in names.items()}
     except zipfile.BadZipFile as e:
         raise PrepareError(f"{path}: not the WikiText-103 zip or folder ({e})") from None
+    missing = [name for name in names.values() if name not in members]
+    if missing:
+        raise PrepareError(f"{path}: no {', '.join(missing)} in the archive")
+
+    def member(name):
+        def read(tally):
+            with zipfile.ZipFile(path) as archive, archive.open(members[name]) as f:
+                yield from text_document(io.TextIOWrapper(f, encoding='utf-8', newline=''), f"{path}:{name}", tally)
+        return read
+    return {split: member(name) for split, name in names.items()}, [path]
 
 
-def load_files(inputs, cache_dir):
-    if not inputs:
-        raise PrepareError("the 'files' source needs --input PATH...")
-    return {'all': [read_text(path) for path in files_under(inputs)]}
+def load_minipile(args, cache_dir):
+    """MiniPile (Kaddour, 2023): a 1M-document, 6 GB subset of the Pile, as parquet, with its own
+    validation split. --input: a local copy (files whose path says 'validation' are the validation
+    split, 'test' ones are left out); else the files the Hugging Face Hub lists for it."""
+    if args.input:
+        found = [f for f in files_under(args.input) if f.endswith('.parquet')]
+    else:
+        try:
+            with urllib.request.urlopen(MINIPILE_LIST_URL, timeout=30) as response:
+                listing = json.load(response)['parquet_files']
+        except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError, KeyError) as e:
+            raise PrepareError(f"cannot list MiniPile's files at {MINIPILE_LIST_URL} ({e}); give a local copy with --input") from None
+        found = [download(f['url'], os.path.join(cache_dir, 'download', f['split'], f['filename']))
+                 for f in listing if f['split'] in ('train', 'validation')]
+    val = [f for f in found if 'validation' in f]
+    train = [f for f in found if 'validation' not in f and 'test' not in os.path.basename(os.path.dirname(f)) + os.path.basename(f)]
+    if not train or not val:
+        raise PrepareError(f"no MiniPile train and validation parquet files in {' '.join(args.input) or cache_dir}")
+    return {'train': from_files(train, args.text_key), 'val': from_files(val, args.text_key)}, train + val
 
 
-SOURCES = {'pydoc': load_pydoc, 'shakespeare': load_shakespeare, 'wikitext103': load_wikitext103, 'files': load_files}
+def load_files(args, cache_dir):
+    """Your files (the 'files' source), or the Pile's .jsonl.zst (the 'pile' source); --val_input
+    gives the validation split, else corpus.held_out chooses it."""
+    if not args.input:
+        raise PrepareError(f"the '{args.source}' source needs --input PATH...")
+    train = files_under(args.input)
+    if not args.val_input:
+        return {'all': from_files(train, args.text_key)}, train
+    val = files_under(args.val_input)
+    return {'train': from_files(train, args.text_key), 'val': from_files(val, args.text_key)}, train + val
+
+
+SOURCES = {'pydoc': load_pydoc, 'shakespeare': load_shakespeare, 'wikitext103': load_wikitext103,
+           'minipile': load_minipile, 'pile': load_files, 'files': load_files}
 
 # -----------------------------------------------------------------------------
-# tokenizers
+# tokenizers: described by a meta.json, built from it in every process
 
 
 def gpt2_encoding():
@@ -160,46 +199,73 @@ def tokenizer_from_meta(meta):
     return encode, lambda i: chars[i].encode('utf-8')
 
 
-def tokenizer_safe_chunks(text, size):
-    """Cut text into pieces of about `size` characters that GPT-2's BPE encodes exactly as the whole:
-    each cut falls after a lone newline between two non-space characters, where the pre-tokenizer
-    always ends a piece. Lets big texts be encoded in parallel."""
-    chunks, start = [], 0
-    while len(text) - start > size:
-        cut = text.find('\n', start + size)
-        while cut != -1 and not (cut + 1 < len(text) and not text[cut - 1].isspace() and not text[cut + 1].isspace()):
-            cut = text.find('\n', cut + 1)
-        if cut == -1:
-            break
-        chunks.append(text[start:cut + 1])
-        start = cut + 1
-    chunks.append(text[start:])
-    return chunks
+def section_encoder(meta):
+    """encode(text) -> token ids as a numpy array, and the token that ends a document."""
+    if meta['tokenizer'] == 'gpt2':
+        enc = gpt2_encoding()  # encode_to_numpy with no special tokens is encode_ordinary, without a Python list
+        return lambda text: enc.encode_to_numpy(text, disallowed_special=()), meta['eot_token']
+    table = np.array([ord(c) for c in meta['chars']], dtype=np.uint32)  # sorted by code point
+
+    def encode_chars(text):
+        return np.searchsorted(table, np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32))
+    return encode_chars, meta['chars'].index('\n')
 
 
-def encode_gpt2(documents, workers, desc):
-    enc = gpt2_encoding()
-    pieces = []
-    for doc in documents:
-        chunks = tokenizer_safe_chunks(doc, 1 << 20)
-        pieces += [(chunk, i == len(chunks) - 1) for i, chunk in enumerate(chunks)]
-    out = []
-    with tqdm(total=sum(len(c) for c, _ in pieces), unit='char', unit_scale=True, desc=desc) as bar:
-        for g in range(0, len(pieces), 4 * workers):
-            group = pieces[g:g + 4 * workers]
-            for ids, (chunk, doc_end) in zip(enc.encode_ordinary_batch([c for c, _ in group], num_threads=workers), group):
-                out.append(np.array(ids + [GPT2_EOT] * doc_end, dtype=np.uint32))
-                bar.update(len(chunk))
-    return np.concatenate(out) if out else np.zeros(0, np.uint32)
+_worker = {}  # each process's encoder, built once
 
 
-def encode_chars(documents, chars):
-    codes = np.frombuffer('\n'.join(documents).encode('utf-32-le'), dtype=np.uint32)
-    table = np.array([ord(c) for c in chars], dtype=np.uint32)
-    return np.searchsorted(table, codes).astype(np.uint32)  # chars are sorted by code point
+def start_worker(meta):
+    _worker['encode'], _worker['end'] = section_encoder(meta)
+    _worker['dtype'] = np.dtype(meta['dtype'])
+
+
+def encode_chunk(chunk):
+    """{split: token bytes} of a chunk's sections, in order; the end token after a document's last section."""
+    encode, end = _worker['encode'], np.array([_worker['end']])
+    out = {'train': [], 'val': []}
+    for text, last, split in chunk:
+        out[split].append(encode(text))
+        if last:
+            out[split].append(end)
+    return {split: np.concatenate(ids).astype(_worker['dtype']).tobytes() if ids else b'' for split, ids in out.items()}
+
+
+def encoded_chunks(chunks, meta, workers):
+    """encode_chunk of every chunk, in order, on `workers` processes with a few chunks in flight
+    (Pool.imap would read the whole corpus ahead)."""
+    if workers == 1:
+        start_worker(meta)
+        yield from map(encode_chunk, chunks)
+        return
+    with multiprocessing.Pool(workers, start_worker, (meta,)) as pool:
+        pending = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(encode_chunk, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 # -----------------------------------------------------------------------------
-# writing: every file goes to a temporary name and is renamed into place only when complete
+# the run: chunks of sections, written in order, with a record of the last finished chunk
+
+
+def chunks_of(splits, val_fraction, chunk_chars, tally):
+    """Lists of (section, last, split), about chunk_chars characters each, in reading order. The
+    chunks depend only on the text, never on the number of processes."""
+    chunk, size, index = [], 0, 0
+    for name, read in splits.items():
+        for text, last in sections(read(tally)):
+            split = name if name != 'all' else 'val' if held_out(index, val_fraction) else 'train'
+            index += 1
+            tally.sections = index
+            chunk.append((text, last, split))
+            size += len(text)
+            if size >= chunk_chars:
+                yield chunk
+                chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 class atomic_file:
@@ -220,7 +286,20 @@ class atomic_file:
             os.remove(self.tmp)
 
 
-def prepare(source, inputs, tokenizer, name, out_dir='data', val_fraction=0.1, workers=None):
+def write_json(path, value):
+    with atomic_file(path) as f:
+        f.write(json.dumps(value, indent=1).encode())
+
+
+def fingerprint(source, files, meta, args):
+    """What decides the output bytes: a record from another run of other inputs or settings is not continued."""
+    stats = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files if os.path.isfile(f)]
+    what = [source, stats, meta, args.text_key, args.val_fraction, args.chunk_chars, sys.version if source == 'pydoc' else '']
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
+def prepare(source, inputs, tokenizer, name, out_dir='data', val_fraction=0.1, workers=None, val_inputs=(),
+            text_key='text', chunk_chars=1 << 22, max_malformed=0.001):
     """Tokenize a source into out_dir/name; returns (that folder, meta). Raises PrepareError on bad input."""
     if source not in SOURCES:
         raise PrepareError(f"unknown source {source!r}; choose from {', '.join(SOURCES)} (or give --input)")
@@ -228,61 +307,129 @@ def prepare(source, inputs, tokenizer, name, out_dir='data', val_fraction=0.1, w
         raise PrepareError(f"unknown tokenizer {tokenizer!r}; choose gpt2 or char")
     if not 0 < val_fraction < 1:
         raise PrepareError(f"--val_fraction={val_fraction}: expected a fraction between 0 and 1")
+    if chunk_chars < 1 or not 0 <= max_malformed < 1 or (workers is not None and workers < 1):
+        raise PrepareError("--chunk_chars and --workers must be positive, --max_malformed a fraction below 1")
     if not name:
         name = source if source != 'files' else os.path.splitext(os.path.basename(os.path.normpath(inputs[0])))[0]
         name += '_char' if tokenizer == 'char' else ''
     dest = os.path.join(out_dir, name)
-    splits = SOURCES[source](inputs, dest)
-    if not any(doc.strip() for docs in splits.values() for doc in docs):
-        raise PrepareError(f"no text in the {source} source{': ' + ' '.join(inputs) if inputs else ''}")
-    workers = workers or os.cpu_count() or 1
+    args = argparse.Namespace(source=source, input=list(inputs), val_input=list(val_inputs), text_key=text_key,
+                              val_fraction=val_fraction, chunk_chars=chunk_chars)
+    existed = os.path.isdir(dest)
+    try:
+        splits, files = SOURCES[source](args, dest)
+        return write_dataset(dest, splits, files, source, tokenizer, args, workers or os.cpu_count() or 1, max_malformed)
+    except (PrepareError, CorpusError) as e:  # bad input: nothing stays behind (an interruption keeps its chunks)
+        for leftover in ('train.bin.part', 'val.bin.part', 'progress.json'):
+            if os.path.exists(os.path.join(dest, leftover)):
+                os.remove(os.path.join(dest, leftover))
+        if not existed and os.path.isdir(dest) and not os.listdir(dest):
+            os.rmdir(dest)
+        raise PrepareError(str(e)) from None
 
+
+def write_dataset(dest, splits, files, source, tokenizer, args, workers, max_malformed):
     meta = dict(tokenizer=tokenizer, source=source)
     if tokenizer == 'gpt2':
-        tokens = {split: encode_gpt2(docs, workers, f"tokenize {split}") for split, docs in splits.items()}
+        gpt2_encoding()  # fails here, in one line, rather than in every process
         meta.update(vocab_size=GPT2_EOT + 1, eot_token=GPT2_EOT)
-    else:
-        chars = sorted(set(''.join(doc for docs in splits.values() for doc in docs)) | {'\n'})
-        tokens = {split: encode_chars(docs, chars) for split, docs in splits.items()}
-        meta.update(vocab_size=len(chars), chars=chars)
-    if 'all' in tokens:
-        n_train = int(len(tokens['all']) * (1 - val_fraction))
-        tokens = {'train': tokens['all'][:n_train], 'val': tokens['all'][n_train:]}
-    for split, ids in tokens.items():
-        if len(ids) < 2:
-            raise PrepareError(f"too little text: the {split} split has {len(ids)} tokens")
+    else:  # the table first: a pass over the text
+        chars = {'\n'}
+        for read in splits.values():
+            for piece, _ in tqdm(read(Tally()), desc='characters', unit=' pieces'):
+                chars.update(piece)
+        meta.update(vocab_size=len(chars), chars=sorted(chars))
+    meta.update(dtype=np.dtype(np.uint16 if meta['vocab_size'] <= 1 << 16 else np.uint32).name)
+    itemsize = np.dtype(meta['dtype']).itemsize
 
-    dtype = np.uint16 if meta['vocab_size'] <= 1 << 16 else np.uint32
-    meta.update(dtype=np.dtype(dtype).name, train_tokens=len(tokens['train']), val_tokens=len(tokens['val']))
     os.makedirs(dest, exist_ok=True)
-    for split, ids in tokens.items():
-        with atomic_file(os.path.join(dest, f"{split}.bin")) as f:
-            f.write(ids.astype(dtype).tobytes())
-    with atomic_file(os.path.join(dest, 'meta.json')) as f:  # last: its token counts vouch for the .bin files
-        f.write(json.dumps(meta, indent=1).encode())
+    progress_path = os.path.join(dest, 'progress.json')
+    parts = {split: os.path.join(dest, f"{split}.bin.part") for split in ('train', 'val')}
+    key = fingerprint(source, files, meta, args)
+    try:
+        with open(progress_path) as f:
+            progress = json.load(f)
+        if progress.get('fingerprint') != key or not all(os.path.exists(p) for p in parts.values()):
+            raise ValueError
+    except (OSError, ValueError):
+        progress = dict(fingerprint=key, chunks=0, train=0, val=0)
+    if progress['chunks']:
+        print(f"continuing {dest} after chunk {progress['chunks']} (the same inputs and settings)")
+    outputs = {}
+    for split, path in parts.items():  # back to the last finished chunk: what came after it is redone
+        outputs[split] = open(path, 'r+b' if progress['chunks'] else 'wb')
+        outputs[split].truncate(progress[split])
+        outputs[split].seek(progress[split])
+
+    tally = Tally()
+    total = sum(os.path.getsize(f) for f in files if os.path.isfile(f)) or None
+    bar = tqdm(total=total, unit='B', unit_scale=True, desc=f"tokenize {os.path.basename(dest)}")
+    todo = (c for k, c in enumerate(chunks_of(splits, args.val_fraction, args.chunk_chars, tally)) if k >= progress['chunks'])
+    with outputs['train'], outputs['val']:
+        for encoded in encoded_chunks(todo, meta, workers):
+            for split in ('train', 'val'):
+                outputs[split].write(encoded[split])
+                outputs[split].flush()
+                os.fsync(outputs[split].fileno())
+                progress[split] += len(encoded[split])
+            progress['chunks'] += 1
+            write_json(progress_path, progress)  # after the tokens it vouches for are on disk
+            bar.update(tally.bytes - bar.n)
+            bar.set_postfix(docs=f"{tally.documents:,}", tokens=f"{(progress['train'] + progress['val']) // itemsize:,}")
+            check_malformed(tally, max_malformed, final=False)
+    bar.close()
+
+    check_malformed(tally, max_malformed, final=True)
+    meta.update(train_tokens=progress['train'] // itemsize, val_tokens=progress['val'] // itemsize,
+                documents=tally.documents, malformed=tally.malformed, malformed_first=tally.places)
+    for split in ('train', 'val'):
+        if meta[f"{split}_tokens"] < 2:
+            why = (f" (the text made {tally.sections} section{'s' * (tally.sections != 1)}, of which --val_fraction={args.val_fraction} are held out: "
+                   f"give more text, or a validation split with --val_input)" if 'all' in splits and tally.sections else '')
+            raise PrepareError(f"too little text: the {split} split has {meta[f'{split}_tokens']} tokens{why}")
+    for split, path in parts.items():
+        os.replace(path, os.path.join(dest, f"{split}.bin"))
+    write_json(os.path.join(dest, 'meta.json'), meta)  # last: its token counts vouch for the .bin files
+    os.remove(progress_path)
     return dest, meta
+
+
+def check_malformed(tally, max_malformed, final):
+    """Malformed records are skipped, up to a share of all of them; past it the run stops (early,
+    once a thousand are seen, rather than after reading terabytes of the wrong thing)."""
+    seen = tally.documents + tally.malformed
+    if seen and tally.malformed / seen > max_malformed and (final or tally.malformed >= 1000):
+        raise PrepareError(f"{tally.malformed:,} of {seen:,} records are malformed, more than --max_malformed={max_malformed} "
+                           f"allows (first: {'; '.join(tally.places)})")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('source', nargs='?', help=f"one of {', '.join(SOURCES)} (default: pydoc, or files with --input)")
-    parser.add_argument('--input', nargs='+', default=[], metavar='PATH', help='local text files or folders (or a local copy of the source)')
+    parser.add_argument('--input', nargs='+', default=[], metavar='PATH', help='local files or folders (or a local copy of the source)')
+    parser.add_argument('--val_input', nargs='+', default=[], metavar='PATH', help='files or folders of the validation split')
     parser.add_argument('--tokenizer', default='gpt2', help='gpt2 (default) or char')
     parser.add_argument('--name', help='the folder under --out_dir (default: the source, plus _char)')
     parser.add_argument('--out_dir', default='data')
-    parser.add_argument('--val_fraction', type=float, default=0.1, help='the share of tokens held out (sources without a split of their own)')
-    parser.add_argument('--workers', type=int, default=None, help='tokenizer threads (default: every core)')
+    parser.add_argument('--val_fraction', type=float, default=0.1, help='the share of sections held out (sources without a split of their own)')
+    parser.add_argument('--text_key', default='text', help='the field (jsonl) or column (parquet) that holds the text')
+    parser.add_argument('--workers', type=int, default=None, help='tokenizer processes (default: one per core)')
+    parser.add_argument('--chunk_chars', type=int, default=1 << 22, help='characters per unit of work, and of resumption')
+    parser.add_argument('--max_malformed', type=float, default=0.001, help='the share of malformed records tolerated')
     parser.error = lambda message: sys.exit(f"prepare_data.py: error: {message}")
     args = parser.parse_args(argv)
     source = args.source or ('files' if args.input else 'pydoc')
     try:
-        dest, meta = prepare(source, args.input, args.tokenizer, args.name, args.out_dir, args.val_fraction, args.workers)
+        dest, meta = prepare(source, args.input, args.tokenizer, args.name, args.out_dir, args.val_fraction, args.workers,
+                             args.val_input, args.text_key, args.chunk_chars, args.max_malformed)
     except PrepareError as e:
         sys.exit(f"prepare_data.py: error: {e}")
     except KeyboardInterrupt:
-        sys.exit("prepare_data.py: interrupted; nothing was written")
-    print(f"{dest}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
-          f"{meta['tokenizer']} vocabulary of {meta['vocab_size']:,}")
+        sys.exit("prepare_data.py: interrupted; the same command continues from the last finished chunk")
+    total = meta['train_tokens'] + meta['val_tokens']
+    skipped = f"; {meta['malformed']:,} malformed records skipped (first: {'; '.join(meta['malformed_first'])})" if meta['malformed'] else ''
+    print(f"{dest}: {meta['documents']:,} documents, {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
+          f"({100 * meta['val_tokens'] / total:.1f}% held out), {meta['tokenizer']} vocabulary of {meta['vocab_size']:,}{skipped}")
 
 
 if __name__ == '__main__':

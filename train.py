@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from configurator import check_rules, configure_script
+from corpus import random_windows
 from model import (CONFIG_CHOICES, GPT, GPTConfig, autocast_for, checkpoint_file, gpu_peak_flops, load_checkpoint,
                    model_from_checkpoint, resolve_device, save_checkpoint)
 
@@ -212,10 +213,9 @@ def batch_generator(*key):
 
 
 def get_batch(split, generator):
-    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta['dtype'], mode='r')  # re-opened: avoids a memmap leak
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
-    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    x, y = random_windows(os.path.join(data_dir, f"{split}.bin"), meta['dtype'], meta[f"{split}_tokens"], block_size,
+                          batch_size, generator)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
     if device_type == 'cuda':
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)

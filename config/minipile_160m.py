@@ -1,6 +1,6 @@
 # The paper's MiniPile recipe (README, Pretraining) with its 160M model; the ablations' setting.
-# MiniPile is published as parquet: write its text to files first, then
-# python prepare_data.py --input minipile_text/ --name=minipile && torchrun --standalone --nproc_per_node=8 train.py config/minipile_160m.py
+# python prepare_data.py minipile && torchrun --standalone --nproc_per_node=8 train.py config/minipile_160m.py
+# (prepare_data.py downloads MiniPile's parquet files, 6 GB; --input takes a local copy)
 out_dir = 'out-minipile-160m'
 dataset = 'minipile'
 eval_interval = 1000

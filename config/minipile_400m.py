@@ -1,7 +1,6 @@
 # The paper's MiniPile recipe (README, Pretraining) with its 400M model, which counts 308M
 # parameters as we build it (untied GPT-2 embeddings, LLaMA's SwiGLU width).
-# MiniPile is published as parquet: write its text to files first, then
-# python prepare_data.py --input minipile_text/ --name=minipile && torchrun --standalone --nproc_per_node=8 train.py config/minipile_400m.py
+# python prepare_data.py minipile && torchrun --standalone --nproc_per_node=8 train.py config/minipile_400m.py
 out_dir = 'out-minipile-400m'
 dataset = 'minipile'
 eval_interval = 1000

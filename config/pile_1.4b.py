@@ -1,6 +1,6 @@
 # The paper's largest run (README, Pretraining): 1.4B parameters on the Pile, 25B tokens.
-# Paper: perplexity 10.7 (RoPE baseline) vs 10.4 (StableMask). Write the Pile's text to files, then
-# python prepare_data.py --input pile_text/ --name=pile && torchrun --nnodes=... train.py config/pile_1.4b.py
+# Paper: perplexity 10.7 (RoPE baseline) vs 10.4 (StableMask). With the Pile's .jsonl.zst files at hand:
+# python prepare_data.py pile --input pile/train/ --val_input pile/val.jsonl.zst && torchrun --nnodes=... train.py config/pile_1.4b.py
 out_dir = 'out-pile-1.4b'
 dataset = 'pile'
 eval_interval = 2000

@@ -1,0 +1,206 @@
+"""
+Text corpora, streamed: the documents prepare_data.py tokenizes, and the token windows train.py reads.
+
+Formats, by file name: .jsonl, .jsonl.gz and .jsonl.zst hold one JSON object per line with the
+document in its `text` field (or another key); .parquet a `text` column; any other file is one UTF-8
+document. Nothing is read whole: text comes in pieces, jsonl a line at a time, parquet a batch of
+rows at a time. A malformed line or record (not JSON, no text field, not a string, not UTF-8) is
+counted and skipped; the caller decides how many it accepts. zstandard and pyarrow are imported only
+for their formats.
+
+Documents are cut into sections: a document of up to WHOLE_CHARS characters is one section; a
+longer one (a book, or Tiny Shakespeare) is cut near every SECTION_CHARS characters, just before a
+white-space character that follows a non-space one. GPT-2's BPE never joins a token across such a
+place, so the sections of a document, tokenized apart, give exactly the document's tokens. Sections
+are what the validation rule holds out (held_out) and what the tokenizer processes share.
+"""
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+
+import numpy as np
+
+WHOLE_CHARS = 8192  # a document up to this long is one section
+SECTION_CHARS = 1024  # a longer one is cut at the first safe place past every this many characters
+READ_CHARS = 1 << 20  # a text file is read this many characters at a time
+CUT = re.compile(r'(?<=\S)(?=\s)')  # between a non-space and a space: no BPE token spans it
+
+
+class CorpusError(Exception):
+    """Input that cannot be read at all: one line saying which and why."""
+
+
+class Tally:
+    """What the readers met: documents, malformed records (with the first few places), input bytes."""
+
+    def __init__(self):
+        self.documents, self.malformed, self.places, self.bytes_done, self.bytes, self.sections = 0, 0, [], 0, 0, 0
+
+    def bad(self, place, why):
+        self.malformed += 1
+        if len(self.places) < 3:
+            self.places.append(f"{place}: {why}")
+
+
+def files_under(paths):
+    """The files named, and every non-hidden file under the folders named, in a stable order."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+                found += [os.path.join(root, f) for f in sorted(files) if not f.startswith('.')]
+        elif os.path.exists(path):
+            found.append(path)
+        else:
+            raise CorpusError(f"{path}: no such file or folder")
+    if not found:
+        raise CorpusError(f"no files under {' '.join(paths)}")
+    return found
+
+
+def documents(paths, text_key, tally):
+    """Yield (piece, last) for every document of the files: its text in one or more pieces, last
+    True on a document's final piece."""
+    for path in paths:
+        name = path.lower()
+        with open(path, 'rb') as raw:
+            if name.endswith('.parquet'):
+                yield from _parquet(path, raw, text_key, tally)
+            elif name.endswith(('.jsonl', '.jsonl.gz', '.jsonl.zst')):
+                yield from _jsonl(path, raw, text_key, tally)
+            else:
+                yield from text_document(io.TextIOWrapper(raw, encoding='utf-8', newline=''), path, tally, raw)
+        tally.bytes_done += os.path.getsize(path)
+        tally.bytes = tally.bytes_done
+
+
+def text_document(stream, name, tally, raw=None):
+    """Yield (piece, last): the text of a stream as one document, READ_CHARS characters at a time.
+    An empty stream is no document."""
+    pending = None
+    try:
+        while piece := stream.read(READ_CHARS):
+            if raw is not None:
+                tally.bytes = tally.bytes_done + raw.tell()
+            if pending is not None:
+                yield pending, False
+            pending = piece
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start} of a block)") from None
+    if pending is not None:
+        tally.documents += 1
+        yield pending, True
+
+
+def _jsonl(path, raw, text_key, tally):
+    if path.lower().endswith('.zst'):
+        try:
+            import zstandard
+        except ImportError:
+            raise CorpusError(f"{path}: reading .zst needs the zstandard package: pip install zstandard") from None
+        stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    elif path.lower().endswith('.gz'):
+        stream = gzip.GzipFile(fileobj=raw)
+    else:
+        stream = raw
+    try:
+        for number, line in enumerate(io.BufferedReader(stream, 1 << 20), 1):
+            tally.bytes = tally.bytes_done + raw.tell()
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except UnicodeDecodeError:
+                tally.bad(f"{path} line {number}", 'not UTF-8')
+                continue
+            except ValueError:
+                tally.bad(f"{path} line {number}", 'not JSON')
+                continue
+            text = record.get(text_key) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                tally.bad(f"{path} line {number}", f"no {text_key!r} string")
+                continue
+            if text:
+                tally.documents += 1
+                yield text, True
+    except (OSError, EOFError) as e:  # a truncated or damaged compressed file
+        raise CorpusError(f"{path}: cannot decompress ({e})") from None
+
+
+def _parquet(path, raw, text_key, tally):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CorpusError(f"{path}: reading .parquet needs the pyarrow package: pip install pyarrow") from None
+    try:
+        table = pq.ParquetFile(raw)
+    except Exception as e:  # pyarrow's ArrowInvalid and kin, for a file that is not parquet
+        raise CorpusError(f"{path}: not a parquet file ({e})") from None
+    if text_key not in table.schema_arrow.names:
+        raise CorpusError(f"{path}: no {text_key!r} column (it has {', '.join(table.schema_arrow.names)})")
+    row = 0
+    for batch in table.iter_batches(batch_size=1024, columns=[text_key]):
+        tally.bytes = tally.bytes_done + raw.tell()
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if not isinstance(text, str):
+                tally.bad(f"{path} row {row}", f"no {text_key!r} string")
+                continue
+            if text:
+                tally.documents += 1
+                yield text, True
+
+
+def sections(pieces):
+    """Yield (text, last) sections from (piece, last) pieces of documents: a short document whole, a
+    longer one cut near every SECTION_CHARS characters at a place no BPE token spans (module
+    docstring); last marks the end of a document. A stretch without such a place is never cut."""
+    buffer, long = '', False
+    for piece, last in pieces:
+        buffer += piece
+        long = long or len(buffer) > WHOLE_CHARS
+        start = 0
+        while long and len(buffer) - start > SECTION_CHARS:
+            cut = CUT.search(buffer, start + SECTION_CHARS)
+            if cut is None:
+                break
+            yield buffer[start:cut.start()], False
+            start = cut.start()
+        buffer = buffer[start:]
+        if last:
+            yield buffer, True
+            buffer, long = '', False
+
+
+def held_out(index, val_fraction):
+    """The validation rule: section `index` of a corpus (counting from 0, in reading order) is held
+    out when the first 8 bytes of its blake2b hash, as a fraction, fall below val_fraction. It needs
+    no corpus size, and holds out whole documents except for the long ones, of which it takes
+    some sections."""
+    digest = hashlib.blake2b(index.to_bytes(8, 'little'), digest_size=8).digest()
+    return int.from_bytes(digest, 'little') / 2 ** 64 < val_fraction
+
+
+def random_starts(n_tokens, length, count, generator):
+    """`count` random offsets of windows of length + 1 tokens in a file of n_tokens, drawn by a torch
+    generator, as Python ints (int64 draws: files pass 2^32 tokens)."""
+    import torch
+    return torch.randint(n_tokens - length, (count,), generator=generator, dtype=torch.int64).tolist()
+
+
+def read_windows(path, dtype, n_tokens, starts, length):
+    """The windows of length + 1 tokens at `starts` of a token file: int64 arrays (len(starts), length)
+    of inputs, and of the tokens that follow each."""
+    data = np.memmap(path, dtype=dtype, mode='r', shape=(n_tokens,))  # opened anew: a kept memmap leaks
+    windows = np.stack([data[i:i + length + 1] for i in starts]).astype(np.int64)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def random_windows(path, dtype, n_tokens, length, count, generator):
+    """`count` windows at random offsets: what train.py trains and evaluates on."""
+    return read_windows(path, dtype, n_tokens, random_starts(n_tokens, length, count, generator), length)
