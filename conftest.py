@@ -1,6 +1,5 @@
 """Shared test helpers: the scripts run as a user runs them, in a scratch folder, offline."""
 
-import math
 import os
 import subprocess
 import sys
@@ -32,16 +31,15 @@ def gpt2_offline():
 
 
 @pytest.fixture
-def poisoned(monkeypatch):
-    """Every tensor made by torch.empty / empty_like starts as NaN, so an element a kernel forgets to
-    write shows in the comparison instead of passing by chance as stale memory."""
-    for name in ('empty', 'empty_like'):
-        make = getattr(torch, name)
-
-        def poisoned_make(*args, _make=make, **kwargs):
-            t = _make(*args, **kwargs)
-            return t.fill_(math.nan) if t.is_floating_point() else t
-        monkeypatch.setattr(torch, name, poisoned_make)
+def poisoned():
+    """Every tensor made by torch.empty / empty_like starts as NaN (PyTorch's own filling of
+    uninitialised memory, under deterministic mode), so an element a kernel forgets to write shows
+    in the comparison instead of passing by chance as stale memory."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: nondeterministic GPU kernels still run
+    assert torch.empty(1).isnan().all() and torch.utils.deterministic.fill_uninitialized_memory
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def run_script(script, *args, cwd, expect_ok=True, timeout=300, torchrun=0):

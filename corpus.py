@@ -156,14 +156,15 @@ def _parquet(path, raw, text_key, tally):
                 yield text, True
 
 
-def sections(pieces):
+def sections(pieces, cut=True):
     """Yield (text, last) sections from (piece, last) pieces of documents: a short document whole, a
     longer one cut near every SECTION_CHARS characters at a place no BPE token spans (module
-    docstring); last marks the end of a document. A stretch without such a place is never cut."""
+    docstring); last marks the end of a document. A stretch without such a place is never cut;
+    cut=False keeps every document whole."""
     buffer, long = '', False
     for piece, last in pieces:
         buffer += piece
-        long = long or len(buffer) > WHOLE_CHARS
+        long = cut and (long or len(buffer) > WHOLE_CHARS)
         start = 0
         while long and len(buffer) - start > SECTION_CHARS:
             cut = CUT.search(buffer, start + SECTION_CHARS)

@@ -3,6 +3,7 @@ The paper's four claims, measured with this repository's model on small models (
 
     python experiments.py position        # absolute position from relative encodings (paper App. B.2, Thm 4.1)
     python experiments.py sinks           # attention sinks, and where StableMask puts that mass (Sec. 3, Fig. 1)
+    python experiments.py sinks --init_from=SmolLM2-135M/   # the same on a pretrained model, before and after a StableMask fine-tune
     python experiments.py extrapolation   # 2x and 4x the training length, full and sliding-window (Sec. 5.3)
     python experiments.py lm --shakespeare=input.txt   # causal vs StableMask language modelling, several seeds
 
@@ -23,7 +24,7 @@ import torch
 
 import model as model_module
 from configurator import configure_script
-from model import GPT, GPTConfig, resolve_device, stablemask_weights
+from model import GPT, GPTConfig, repeat_kv, resolve_device, stablemask_weights
 from prepare_data import PrepareError, prepare
 
 # -----------------------------------------------------------------------------
@@ -34,6 +35,7 @@ device = 'auto'  # 'cpu', 'cuda', ...; auto: a GPU if there is one
 plot = True  # save figures (needs matplotlib)
 shakespeare = ''  # lm: a local Tiny Shakespeare (downloaded when empty)
 tokenizers = 'char,gpt2'  # lm
+init_from = ''  # sinks: a Hugging Face LLaMA-family model's folder, measured before and after a short StableMask fine-tune
 # -----------------------------------------------------------------------------
 EXPERIMENTS = ('position', 'sinks', 'extrapolation', 'lm')
 if __name__ == '__main__':  # imported (the tests do), it keeps its defaults
@@ -101,7 +103,7 @@ def save(fig, name):
 
 def token_data(source, tokenizer, inputs=()):
     """Train and val token ids of a prepare_data.py source (tokenized once into out_dir/data)."""
-    name = f"{source}_{tokenizer}"
+    name = f"{source}_{os.path.basename(os.path.normpath(tokenizer))}"
     folder = os.path.join(out_dir, 'data', name)
     if not os.path.exists(os.path.join(folder, 'meta.json')):
         prepare(source, list(inputs), tokenizer, name, out_dir=os.path.join(out_dir, 'data'))
@@ -201,10 +203,51 @@ def position():
 # 2. attention sinks (paper section 3, Fig. 1)
 
 
+def attention_shares(model, x, punctuation=None):
+    """Where the attention of model on x (B, T) goes, averaged over batch and heads, each (layer, T):
+    the share on token 0 per query position, on punctuation keys (a (vocab,) bool table), and on
+    StableMask's pseudo columns; and the attention maps of the first sequence (layer, H, T, T)."""
+    weights = []
+
+    def recording(q, k, v, gamma, alibi, pseudo_len):
+        W = stablemask_weights(q, k, gamma, alibi, pseudo_len)
+        weights.append(W)
+        return (W @ repeat_kv(v, q.size(1)).to(W.dtype)).to(q.dtype)
+    with torch.no_grad(), attention_replaced_by(recording):
+        model(x)
+    W = torch.stack(weights).cpu()  # (layer, B, H, T, T)
+    stats = dict(first=W[..., 0].mean(dim=(1, 2)), pseudo=(1 - W.sum(-1)).mean(dim=(1, 2)), maps=W[:, 0])
+    if punctuation is not None:
+        stats['punct'] = (W * punctuation[x.cpu()][None, :, None, None, :]).sum(-1).mean(dim=(1, 2))
+    return stats
+
+
+def pretrained_sinks():
+    """The paper's Fig. 1 question on a real model: how much attention each layer of a pretrained
+    model puts on the first token (its sink), and where that mass goes after a short fine-tune with
+    StableMask (the pseudo columns), on validation text of pydoc's help pages."""
+    T, n_steps = 128, steps or 200
+    train_ids, val_ids, meta = token_data('pydoc', init_from)
+    x, _ = lm_batches(val_ids, 8, T, seed=10 ** 6)(0)
+    before = GPT.from_pretrained(init_from, block_size=T).to(device)
+    stats = {'before': attention_shares(before, x)}
+    after = GPT.from_pretrained(init_from, block_size=T, attn_mask='stablemask').to(device)
+    losses = train(after, lm_batches(train_ids, 8, T, seed=0), n_steps, lr=3e-5, warmup=min(50, n_steps))
+    stats['after'] = attention_shares(after, x)
+    rows = [[layer, f"{100 * stats['before']['first'][layer, 1:].mean():.1f}", f"{100 * stats['after']['first'][layer, 1:].mean():.1f}",
+             f"{100 * stats['after']['pseudo'][layer, 1:].mean():.1f}"] for layer in range(stats['before']['first'].size(0))]
+    print(f"\n{init_from}: share of attention (%) by layer, queries 1-{T - 1} of {x.size(0)} validation windows of {T} tokens; "
+          f"StableMask fine-tune of {n_steps} steps of 8 x {T} (training loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f})\n")
+    print(table(['layer', 'first token, pretrained (causal)', 'first token, after StableMask', 'pseudo columns, after'], rows))
+    return stats
+
+
 def sinks():
     """Train a causal and a StableMask model alike; then measure, on validation text, how much attention
     goes to the first token and to punctuation, by layer and by query position, and how much
     StableMask parks on its pseudo columns instead."""
+    if init_from:
+        return pretrained_sinks()
     T, n_steps = 128, steps or 400
     train_ids, val_ids, meta = token_data('pydoc', 'char')
     punctuation = torch.tensor([c in string.punctuation or c == '\n' for c in meta['chars']])
@@ -213,21 +256,7 @@ def sinks():
         model = new_model(0, block_size=T, vocab_size=meta['vocab_size'], n_layer=4, n_head=4, n_embd=128, attn_mask=mask)
         train(model, lm_batches(train_ids, 16, T, seed=0), n_steps, lr=2e-3)
         x, _ = lm_batches(val_ids, 32, T, seed=10 ** 6)(0)
-        weights = []
-
-        def recording(q, k, v, gamma, alibi, pseudo_len):
-            W = stablemask_weights(q, k, gamma, alibi, pseudo_len)
-            weights.append(W)
-            return (W @ v.to(W.dtype)).to(q.dtype)
-        with torch.no_grad(), attention_replaced_by(recording):
-            model(x)
-        W = torch.stack(weights).cpu()  # (layer, B, H, T, T)
-        on_punct = punctuation[x.cpu()][None, :, None, None, :]  # which keys are punctuation
-        stats[mask] = dict(
-            first=W[..., 0].mean(dim=(1, 2)),                          # (layer, T): share on token 0 per query position
-            punct=(W * on_punct).sum(-1).mean(dim=(1, 2)),             # (layer, T)
-            pseudo=(1 - W.sum(-1)).mean(dim=(1, 2)),                   # (layer, T): the pseudo-attention mass
-            maps=W[:, 0])                                              # (layer, H, T, T) of the first sequence
+        stats[mask] = attention_shares(model, x, punctuation)
     # the first token is everything to query 0, so shares are averaged over queries 1.. only
     layers = stats['causal']['first'].size(0)
     rows = [[layer] + [f"{100 * stats[m][key][layer, 1:].mean():.1f}" for key in ('first', 'punct', 'pseudo') for m in ('causal', 'stablemask')]

@@ -57,7 +57,9 @@ def stablemask_weights(q, k, gamma, alibi=None, pseudo_len=None, window=None):
     (default T; the training block size under SM-I); window: each row sees only its last `window`
     keys (itself included), as with a KV cache that drops its oldest entry; None: every earlier key.
     Returns W (B, H, Tq, T), float32 (float64 for float64 inputs); row i sums to R_i / (R_i + S_i),
-    the rest being the pseudo-attention mass.""" 
+    the rest being the pseudo-attention mass. k may have fewer heads than q (grouped-query
+    attention): each of its heads serves H / H_kv consecutive query heads."""
+    k = repeat_kv(k, q.size(1))
     Tq, T = q.size(-2), k.size(-2)
     N = T if pseudo_len is None else pseudo_len
     dtype = torch.promote_types(q.dtype, torch.float32)
@@ -84,7 +86,12 @@ def stablemask_reference(q, k, v, gamma, alibi=None, pseudo_len=None, window=Non
     """StableMask attention, O = W V with W from stablemask_weights (Eq. 11). v (B, H, T, D);
     returns (B, H, Tq, D) in q's dtype."""
     W = stablemask_weights(q, k, gamma, alibi, pseudo_len, window)
-    return (W @ v.to(W.dtype)).to(q.dtype)
+    return (W @ repeat_kv(v, q.size(1)).to(W.dtype)).to(q.dtype)
+
+
+def repeat_kv(x, n_head):
+    """(B, H_kv, T, D) keys or values with each head repeated for the n_head // H_kv query heads it serves."""
+    return x if x.size(1) == n_head else x.repeat_interleave(n_head // x.size(1), dim=1)
 
 
 def attention_bias(alibi, window, Tq, T, dtype, device):
@@ -184,6 +191,7 @@ def stablemask_sdpa(q, k, v, gamma, alibi=None, pseudo_len=None, window=None):
     Tq, T = q.size(-2), k.size(-2)
     if Tq not in (T, 1) or q.device.type not in ('cpu', 'cuda'):
         return stablemask_reference(q, k, v, gamma, alibi, pseudo_len, window)
+    k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))  # grouped-query attention: autograd sums dK, dV over each group
     if window is not None and window >= T:
         window = None  # it hides nothing
     bias = None if alibi is None and window is None else attention_bias(alibi, window, Tq, T, q.dtype, q.device)
@@ -226,13 +234,23 @@ class GPTConfig:
     pos_enc: str = 'rope'  # 'rope', 'alibi', 'learned', 'none'
     attn_impl: str = 'auto'  # 'auto' (triton on CUDA, sdpa on CPU), 'reference', 'triton', 'sdpa'
     rope_base: float = 10000.0
+    # what pretrained LLaMA-family checkpoints need (pretrained.py); the defaults are the paper's models
+    n_kv_head: int = None  # key/value heads, each shared by n_head // n_kv_head query heads (grouped-query attention); None: n_head
+    head_dim: int = None  # None: n_embd // n_head
+    n_hidden: int = None  # the SwiGLU width; None: LLaMA's rule (swiglu_hidden)
+    norm_eps: float = 1e-6  # RMSNorm's epsilon
+    rope_scaling: dict = None  # {'rope_type': 'linear', 'factor': f} or Llama 3's {'rope_type': 'llama3', ...}; None: plain RoPE
+    qkv_bias: bool = False  # biases on q, k, v only (Qwen2)
+    tie_embeddings: bool = False  # the output head shares the token embedding matrix
 
     def __post_init__(self):
         for name, allowed in CONFIG_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
-        if self.n_embd % self.n_head:
+        if self.head_dim is None and self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
         if self.sm_gamma is not None and not self.sm_gamma >= 0:
             raise ValueError(f"sm_gamma={self.sm_gamma}: the pseudo-score decay must be >= 0 (or None)")
 
@@ -256,11 +274,28 @@ def swiglu_hidden(n_embd):
     return -(-(8 * n_embd // 3) // 256) * 256
 
 
-def rope_cos_sin(positions, head_dim, base):
+def rope_cos_sin(positions, head_dim, base, scaling=None):
     """Rotary embedding tables for the given positions, each (T, head_dim // 2), float32."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    inv_freq = rope_frequencies(head_dim, base, scaling).to(positions.device)
     angles = positions.float()[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
+
+
+def rope_frequencies(head_dim, base, scaling=None):
+    """RoPE's angle per position of each pair of dimensions, (head_dim // 2,): base^(-2i/d); with
+    linear scaling divided by the factor; with Llama 3's, divided by it for long wavelengths only,
+    smoothly between its low and high frequency bounds."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    kind = (scaling or {}).get('rope_type', 'default')
+    if kind == 'linear':
+        return inv_freq / scaling['factor']
+    if kind == 'llama3':
+        factor, low, high = scaling['factor'], scaling['low_freq_factor'], scaling['high_freq_factor']
+        context = scaling['original_max_position_embeddings']
+        wavelength = 2 * math.pi / inv_freq
+        smooth = ((context / wavelength - low) / (high - low)).clamp(0, 1)  # 0: long wavelengths, 1: short ones
+        return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return inv_freq
 
 
 def apply_rope(x, cos, sin):
@@ -271,7 +306,7 @@ def apply_rope(x, cos, sin):
 
 class RMSNorm(nn.Module):
 
-    def __init__(self, dim, eps=1e-6):
+    def __init__(self, dim, eps):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
@@ -326,9 +361,10 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head or config.n_head
+        self.head_dim = config.head_dim or config.n_embd // config.n_head
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias or config.qkv_bias)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.impl = config.attn_impl
         # constants, not parameters: StableMask adds nothing to train
@@ -341,14 +377,15 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, layer=0, kv_cache=None, pseudo_len=None, window=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        q, k, v = self.c_attn(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))  # (B, H_kv, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
         y = attend(q, k, v, self.gamma, self.alibi, pseudo_len, self.impl, window)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -357,7 +394,7 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        hidden = swiglu_hidden(config.n_embd)
+        hidden = config.n_hidden or swiglu_hidden(config.n_embd)
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
@@ -371,9 +408,9 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = RMSNorm(config.n_embd)
+        self.ln_1 = RMSNorm(config.n_embd, config.norm_eps)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = RMSNorm(config.n_embd)
+        self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
     def forward(self, x, rope, layer, kv_cache, pseudo_len, window):
@@ -390,12 +427,14 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=RMSNorm(config.n_embd),
+            ln_f=RMSNorm(config.n_embd, config.norm_eps),
         ))
         if config.pos_enc == 'learned':
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied, as in LLaMA
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied, as in LLaMA, unless tie_embeddings
         self.apply(self._init_weights)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith('c_proj.weight'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -427,7 +466,7 @@ class GPT(nn.Module):
                 raise ValueError(f"position {start + T - 1} is past the learned positions (block_size {self.config.block_size})")
             x = x + self.transformer.wpe(pos)
         elif self.config.pos_enc == 'rope':
-            rope = rope_cos_sin(pos, self.config.n_embd // self.config.n_head, self.config.rope_base)
+            rope = rope_cos_sin(pos, self.transformer.h[0].attn.head_dim, self.config.rope_base, self.config.rope_scaling)
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, rope, layer, kv_cache, pseudo_len, window)
@@ -449,12 +488,14 @@ class GPT(nn.Module):
 
     def flops_per_token(self, T):
         """Training FLOPs per token (forward and backward): 6 per weight used in a matmul (the input
-        embedding is a lookup), plus the attention matmuls, of which causal attention does half."""
+        embedding is a lookup, unless the output head shares it), plus the attention matmuls, of
+        which causal attention does half."""
         cfg = self.config
-        n = self.get_num_params() - self.transformer.wte.weight.numel()
+        n = self.get_num_params() - (0 if cfg.tie_embeddings else self.transformer.wte.weight.numel())
         if cfg.pos_enc == 'learned':
             n -= self.transformer.wpe.weight.numel()
-        return 6 * n + 6 * cfg.n_layer * cfg.n_embd * T
+        attn = self.transformer.h[0].attn
+        return 6 * n + 6 * cfg.n_layer * attn.n_head * attn.head_dim * T
 
     def estimate_mfu(self, tokens_per_sec, T, peak_flops):
         """Model FLOPs utilisation: achieved FLOP/s over the hardware's peak."""
@@ -490,6 +531,13 @@ class GPT(nn.Module):
         """idx (B, T) continued by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
         steps = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, use_cache, sliding_window))
         return torch.cat([idx, *steps], dim=1)
+
+    @staticmethod
+    def from_pretrained(path, **overrides):
+        """The GPT of a local Hugging Face LLaMA-family folder (pretrained.py), or of a checkpoint of
+        ours, with GPTConfig fields overridden: attn_mask='stablemask', block_size, attn_impl, ...
+        A pretrained model keeps its own causal mask unless attn_mask says otherwise."""
+        return model_from_checkpoint(load_checkpoint(path), **overrides)
 
 
 def resolve_device(device):
@@ -567,13 +615,18 @@ def save_checkpoint(checkpoint, path):
 
 
 def checkpoint_file(path):
-    """A checkpoint names a file, or a folder holding ckpt.pt."""
-    return os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+    """A checkpoint names a file, a folder holding ckpt.pt, or a Hugging Face model's folder."""
+    from pretrained import is_pretrained_folder
+    return os.path.join(path, 'ckpt.pt') if os.path.isdir(path) and not is_pretrained_folder(path) else path
 
 
 def load_checkpoint(path, device='cpu'):
-    """Load a checkpoint file, or the ckpt.pt in a folder. Raises ValueError, with one line saying
-    what is wrong, for a missing, corrupt, truncated or foreign file."""
+    """Load a checkpoint file, or the ckpt.pt in a folder, or a Hugging Face LLaMA-family model's
+    folder (pretrained.py) as a checkpoint with its tokenizer's description. Raises ValueError, with
+    one line saying what is wrong, for a missing, corrupt, truncated or foreign file."""
+    from pretrained import is_pretrained_folder, pretrained_checkpoint  # imported on use, as the kernel is
+    if is_pretrained_folder(path):
+        return pretrained_checkpoint(path)
     path = checkpoint_file(path)
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}")

@@ -15,10 +15,12 @@ of them stops the run. zstandard and pyarrow are needed only for their formats.
 
 Writes data/<name>/train.bin and val.bin (token ids, uint16, or uint32 for a vocabulary past 65536)
 and meta.json, last (tokenizer, vocabulary size, token counts, the character table for 'char').
-<name> is the source, with '_char' added for the character tokenizer. Tokenizers: 'gpt2', GPT-2's
-BPE through tiktoken (its 'r50k_base' is the same vocabulary in one file, so an offline machine can
-load it from TIKTOKEN_CACHE_DIR), with <|endoftext|> after every document; and 'char', one token
-per character, with a newline after every document; its table comes from a first pass over the text.
+<name> is the source, with '_char' (or the model folder's name) added for other tokenizers than
+GPT-2's. Tokenizers: 'gpt2', GPT-2's BPE through tiktoken (its 'r50k_base' is the same vocabulary in
+one file, so an offline machine can load it from TIKTOKEN_CACHE_DIR), with <|endoftext|> after every
+document; 'char', one token per character, with a newline after every document, its table from a
+first pass over the text; or a Hugging Face model's folder: its tokenizer.json (pip install
+tokenizers), with its end-of-sequence token after every document, documents never cut.
 
 Validation: WikiText-103 and MiniPile keep their own splits, and --val_input gives one. Otherwise
 each document is cut into sections (a document of up to 8k characters whole, a longer one in parts
@@ -183,11 +185,53 @@ def gpt2_encoding():
                            "set TIKTOKEN_CACHE_DIR to a folder that holds it") from None
 
 
-def tokenizer_from_meta(meta):
-    """(encode: str -> list of ids, token_bytes: id -> bytes) for the tokenizer a meta.json names."""
+def hf_tokenizer(folder, expected_sha256=None):
+    """A Hugging Face tokenizer.json, as the tokenizers library loads it; checked against the hash a
+    dataset or checkpoint recorded for it, if any."""
+    from pretrained import file_sha256
+    path = os.path.join(folder, 'tokenizer.json')
+    if not os.path.isfile(path):
+        raise PrepareError(f"no tokenizer.json in {folder}")
+    if expected_sha256 and file_sha256(path) != expected_sha256:
+        raise PrepareError(f"{path} is another tokenizer than the one recorded (sha256 {expected_sha256[:12]}...)")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise PrepareError("a Hugging Face tokenizer needs the tokenizers package: pip install tokenizers") from None
+    return Tokenizer.from_file(path)
+
+
+def hf_tokenizer_meta(folder):
+    """meta.json's description of a Hugging Face model folder's tokenizer: where it is, its hash, its
+    vocabulary and its end-of-sequence token (config.json's, or tokenizer_config.json's)."""
+    from pretrained import tokenizer_meta
+    tokenizer = hf_tokenizer(folder)
+    configs = {}
+    for name in ('config.json', 'tokenizer_config.json'):
+        if os.path.isfile(os.path.join(folder, name)):
+            with open(os.path.join(folder, name)) as f:
+                configs[name] = json.load(f)
+    meta = tokenizer_meta(folder, configs.get('config.json', {}))
+    if meta['eot_token'] is None:
+        eos = configs.get('tokenizer_config.json', {}).get('eos_token')
+        meta['eot_token'] = tokenizer.token_to_id(eos['content'] if isinstance(eos, dict) else eos) if eos else None
+    if meta['eot_token'] is None:
+        raise PrepareError(f"{folder} names no end-of-sequence token (eos_token_id in config.json, eos_token in tokenizer_config.json)")
+    return dict(meta, vocab_size=tokenizer.get_vocab_size(with_added_tokens=True))
+
+
+def tokenizer_from_meta(meta, folder=None):
+    """(encode: str -> list of ids, decode: list of ids -> str) for the tokenizer a meta.json (or a
+    checkpoint's meta) names. folder: where a Hugging Face tokenizer is now, if it has moved."""
     if meta['tokenizer'] == 'gpt2':
         enc = gpt2_encoding()
-        return enc.encode_ordinary, enc.decode_single_token_bytes
+        return enc.encode_ordinary, enc.decode
+    if meta['tokenizer'] == 'hf':
+        folder = folder or meta['tokenizer_path']
+        if not os.path.isdir(folder):
+            raise PrepareError(f"the tokenizer was at {folder}, which is not there now: pass --tokenizer=<the folder holding its tokenizer.json>")
+        tokenizer = hf_tokenizer(folder, meta['tokenizer_sha256'])
+        return lambda text: tokenizer.encode(text, add_special_tokens=False).ids, tokenizer.decode
     chars = meta['chars']
     stoi = {c: i for i, c in enumerate(chars)}
 
@@ -196,7 +240,7 @@ def tokenizer_from_meta(meta):
         if unknown:
             raise PrepareError(f"characters not in the vocabulary: {''.join(unknown)!r}")
         return [stoi[c] for c in text]
-    return encode, lambda i: chars[i].encode('utf-8')
+    return encode, lambda ids: ''.join(chars[i] for i in ids)
 
 
 def section_encoder(meta):
@@ -204,6 +248,9 @@ def section_encoder(meta):
     if meta['tokenizer'] == 'gpt2':
         enc = gpt2_encoding()  # encode_to_numpy with no special tokens is encode_ordinary, without a Python list
         return lambda text: enc.encode_to_numpy(text, disallowed_special=()), meta['eot_token']
+    if meta['tokenizer'] == 'hf':
+        tokenizer = hf_tokenizer(meta['tokenizer_path'], meta['tokenizer_sha256'])
+        return lambda text: np.array(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.uint32), meta['eot_token']
     table = np.array([ord(c) for c in meta['chars']], dtype=np.uint32)  # sorted by code point
 
     def encode_chars(text):
@@ -250,12 +297,14 @@ def encoded_chunks(chunks, meta, workers):
 # the run: chunks of sections, written in order, with a record of the last finished chunk
 
 
-def chunks_of(splits, val_fraction, chunk_chars, tally):
+def chunks_of(splits, val_fraction, chunk_chars, tally, cut=True):
     """Lists of (section, last, split), about chunk_chars characters each, in reading order. The
-    chunks depend only on the text, never on the number of processes."""
+    chunks depend only on the text, never on the number of processes. cut=False: documents whole
+    (corpus.sections' cuts are proven for GPT-2's pre-tokenizer and characters, not for every
+    tokenizer: SentencePiece's would add a space at each)."""
     chunk, size, index = [], 0, 0
     for name, read in splits.items():
-        for text, last in sections(read(tally)):
+        for text, last in sections(read(tally), cut):
             split = name if name != 'all' else 'val' if held_out(index, val_fraction) else 'train'
             index += 1
             tally.sections = index
@@ -303,15 +352,15 @@ def prepare(source, inputs, tokenizer, name, out_dir='data', val_fraction=0.1, w
     """Tokenize a source into out_dir/name; returns (that folder, meta). Raises PrepareError on bad input."""
     if source not in SOURCES:
         raise PrepareError(f"unknown source {source!r}; choose from {', '.join(SOURCES)} (or give --input)")
-    if tokenizer not in ('gpt2', 'char'):
-        raise PrepareError(f"unknown tokenizer {tokenizer!r}; choose gpt2 or char")
+    if tokenizer not in ('gpt2', 'char') and not os.path.isfile(os.path.join(tokenizer, 'tokenizer.json')):
+        raise PrepareError(f"unknown tokenizer {tokenizer!r}; choose gpt2, char, or a model folder holding a tokenizer.json")
     if not 0 < val_fraction < 1:
         raise PrepareError(f"--val_fraction={val_fraction}: expected a fraction between 0 and 1")
     if chunk_chars < 1 or not 0 <= max_malformed < 1 or (workers is not None and workers < 1):
         raise PrepareError("--chunk_chars and --workers must be positive, --max_malformed a fraction below 1")
     if not name:
         name = source if source != 'files' else os.path.splitext(os.path.basename(os.path.normpath(inputs[0])))[0]
-        name += '_char' if tokenizer == 'char' else ''
+        name += '' if tokenizer == 'gpt2' else '_char' if tokenizer == 'char' else '_' + os.path.basename(os.path.normpath(tokenizer))
     dest = os.path.join(out_dir, name)
     args = argparse.Namespace(source=source, input=list(inputs), val_input=list(val_inputs), text_key=text_key,
                               val_fraction=val_fraction, chunk_chars=chunk_chars)
@@ -333,6 +382,8 @@ def write_dataset(dest, splits, files, source, tokenizer, args, workers, max_mal
     if tokenizer == 'gpt2':
         gpt2_encoding()  # fails here, in one line, rather than in every process
         meta.update(vocab_size=GPT2_EOT + 1, eot_token=GPT2_EOT)
+    elif tokenizer != 'char':
+        meta.update(hf_tokenizer_meta(tokenizer))
     else:  # the table first: a pass over the text
         chars = {'\n'}
         for read in splits.values():
@@ -364,7 +415,8 @@ def write_dataset(dest, splits, files, source, tokenizer, args, workers, max_mal
     tally = Tally()
     total = sum(os.path.getsize(f) for f in files if os.path.isfile(f)) or None
     bar = tqdm(total=total, unit='B', unit_scale=True, desc=f"tokenize {os.path.basename(dest)}")
-    todo = (c for k, c in enumerate(chunks_of(splits, args.val_fraction, args.chunk_chars, tally)) if k >= progress['chunks'])
+    chunks = chunks_of(splits, args.val_fraction, args.chunk_chars, tally, cut=meta['tokenizer'] != 'hf')
+    todo = (c for k, c in enumerate(chunks) if k >= progress['chunks'])
     with outputs['train'], outputs['val']:
         for encoded in encoded_chunks(todo, meta, workers):
             for split in ('train', 'val'):
@@ -408,7 +460,7 @@ def main(argv=None):
     parser.add_argument('source', nargs='?', help=f"one of {', '.join(SOURCES)} (default: pydoc, or files with --input)")
     parser.add_argument('--input', nargs='+', default=[], metavar='PATH', help='local files or folders (or a local copy of the source)')
     parser.add_argument('--val_input', nargs='+', default=[], metavar='PATH', help='files or folders of the validation split')
-    parser.add_argument('--tokenizer', default='gpt2', help='gpt2 (default) or char')
+    parser.add_argument('--tokenizer', default='gpt2', help="gpt2 (default), char, or a Hugging Face model's folder (its tokenizer.json)")
     parser.add_argument('--name', help='the folder under --out_dir (default: the source, plus _char)')
     parser.add_argument('--out_dir', default='data')
     parser.add_argument('--val_fraction', type=float, default=0.1, help='the share of sections held out (sources without a split of their own)')

@@ -3,6 +3,7 @@ Sample text from a trained checkpoint, streamed as it is generated.
 
     python sample.py --init_from=out-shakespeare-char --start="ROMEO:" --num_samples=3
     python sample.py --init_from=out/ckpt.pt --start=FILE:prompt.txt --temperature=0 --max_new_tokens=100
+    python sample.py --init_from=SmolLM2-135M/ --start="The capital of France"   # a Hugging Face model's folder
 
 Generation uses a KV cache under the paper's SM-I inference: every position keeps the pseudo mass it
 had at the training length, so a cached step computes exactly what a full forward pass would. Past
@@ -10,7 +11,6 @@ block_size each new token attends to the last block_size tokens, a length the mo
 (a cache that drops its oldest entry); --sliding_window=False keeps the whole context instead.
 """
 
-import codecs
 import sys
 
 import torch
@@ -20,7 +20,8 @@ from model import autocast_for, checkpoint_file, load_checkpoint, model_from_che
 from prepare_data import PrepareError, tokenizer_from_meta
 
 # -----------------------------------------------------------------------------
-init_from = 'out'  # a checkpoint file, or a folder holding ckpt.pt
+init_from = 'out'  # a checkpoint file, a folder holding ckpt.pt, or a Hugging Face LLaMA-family model's folder
+tokenizer = ''  # where the Hugging Face tokenizer of a fine-tuned checkpoint is now, if it has moved
 start = "\n"  # the prompt; FILE:path reads it from a file. Empty: the end-of-text token (GPT-2 BPE)
 num_samples = 3
 max_new_tokens = 500
@@ -71,7 +72,10 @@ if start.startswith('FILE:'):
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read the prompt file {start[5:]}: {e}")
 try:
-    encode, token_bytes = tokenizer_from_meta(meta)
+    encode, decode = tokenizer_from_meta(meta, tokenizer or None)
+except PrepareError as e:
+    fail(e)
+try:
     start_ids = encode(start)
 except PrepareError as e:
     fail(f"the prompt: {e}")
@@ -82,10 +86,14 @@ if not start_ids:
 
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
 for n in range(num_samples):
-    text = codecs.getincrementaldecoder('utf-8')(errors='replace')  # BPE tokens can split a character
     sys.stdout.write(start)
+    line, shown = [], ''  # the tokens since the last line break, and how much of their text is written
     with torch.no_grad(), autocast:
         for token in model.generate_tokens(x, max_new_tokens, temperature, top_k, top_p, use_cache, sliding_window):
-            sys.stdout.write(text.decode(token_bytes(token.item())))
-            sys.stdout.flush()
-    sys.stdout.write(text.decode(b'', final=True) + '\n---------------\n')
+            line.append(token.item())
+            text = decode(line)  # decoded together: a token can hold part of a character, or a space for the next
+            if not text.endswith('\ufffd'):  # a character split across tokens waits for its last part
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                line, shown = ([], '') if text.endswith('\n') else (line, text)
+    sys.stdout.write(decode(line)[len(shown):] + '\n---------------\n')

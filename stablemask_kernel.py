@@ -119,13 +119,13 @@ def _attn_fwd(Q, K, V, Out, LSE, Gamma, Alibi, sm_scale, T, H, pseudo_len,
               stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
               stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, T_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_PSEUDO: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
+              HAS_PSEUDO: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr):
     bh, start_m = _program(T, BLOCK_M, True)
     b, h = (bh // H).to(tl.int64), bh % H
     rows = start_m + tl.arange(0, BLOCK_M)
     q = _rows(Q + b * stride_qb + h * stride_qh, rows, stride_qt, T, HEAD_DIM)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_base = K + b * stride_kb + (h // GROUP) * stride_kh  # grouped-query attention: GROUP query heads per K/V head
+    v_base = V + b * stride_vb + (h // GROUP) * stride_vh
     qk_scale = sm_scale * LOG2E
     alibi = tl.load(Alibi + h) * LOG2E if HAS_ALIBI else 0.0
 
@@ -193,31 +193,35 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Alibi, sm_scale, T, H,
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                   stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, T_BUCKET,
+                   stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                   stride_dkb, stride_dkh, stride_dkt, T_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
-    """dK and dV of one key block: walk the query blocks from the diagonal down."""
-    bh, start_n = _program(T, BLOCK_N, False)  # the first key blocks are the heavy ones here: natural order
-    b, h = (bh // H).to(tl.int64), bh % H
+                   HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr):
+    """dK and dV of one key block of one K/V head: walk the query blocks from the diagonal down, for
+    each of the GROUP query heads it serves (their sum is its gradient; K, V are never repeated)."""
+    bkv, start_n = _program(T, BLOCK_N, False)  # the first key blocks are the heavy ones here: natural order
+    b, kvh = (bkv // (H // GROUP)).to(tl.int64), bkv % (H // GROUP)
     cols = start_n + tl.arange(0, BLOCK_N)
-    k = _rows(K + b * stride_kb + h * stride_kh, cols, stride_kt, T, HEAD_DIM)
-    v = _rows(V + b * stride_vb + h * stride_vh, cols, stride_vt, T, HEAD_DIM)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_ob + h * stride_oh
+    k = _rows(K + b * stride_kb + kvh * stride_kh, cols, stride_kt, T, HEAD_DIM)
+    v = _rows(V + b * stride_vb + kvh * stride_vh, cols, stride_vt, T, HEAD_DIM)
     qk_scale = sm_scale * LOG2E
-    alibi = tl.load(Alibi + h) * LOG2E if HAS_ALIBI else 0.0
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    lse_base, delta_base = LSE + bh.to(tl.int64) * T, Delta + bh.to(tl.int64) * T
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ot,
-                             cols, start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale, alibi,
-                             HEAD_DIM, BLOCK_M, HAS_ALIBI, True, PRECISION)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ot,
-                             cols, start_n + BLOCK_N, T, T, qk_scale, alibi,
-                             HEAD_DIM, BLOCK_M, HAS_ALIBI, False, PRECISION)
-    head = b * stride_ob + h * stride_oh
-    _store_rows(DK + head, cols, stride_ot, T, dk * sm_scale, HEAD_DIM)
-    _store_rows(DV + head, cols, stride_ot, T, dv, HEAD_DIM)
+    for g in range(GROUP):
+        h = kvh * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_ob + h * stride_oh
+        alibi = tl.load(Alibi + h) * LOG2E if HAS_ALIBI else 0.0
+        lse_base, delta_base = LSE + (b * H + h) * T, Delta + (b * H + h) * T
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ot,
+                                 cols, start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale, alibi,
+                                 HEAD_DIM, BLOCK_M, HAS_ALIBI, True, PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ot,
+                                 cols, start_n + BLOCK_N, T, T, qk_scale, alibi,
+                                 HEAD_DIM, BLOCK_M, HAS_ALIBI, False, PRECISION)
+    head = b * stride_dkb + kvh * stride_dkh
+    _store_rows(DK + head, cols, stride_dkt, T, dk * sm_scale, HEAD_DIM)
+    _store_rows(DV + head, cols, stride_dkt, T, dv, HEAD_DIM)
 
 
 @triton.jit
@@ -244,9 +248,10 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, r
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Alibi, sm_scale, T, H,
                  stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                 stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, T_BUCKET,
+                 stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                 stride_dkb, stride_dkh, stride_dkt, T_BUCKET,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr):
+                 HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr):
     """dQ of one query block: walk the key blocks up to the diagonal."""
     bh, start_m = _program(T, BLOCK_M, True)
     b, h = (bh // H).to(tl.int64), bh % H
@@ -255,8 +260,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Alibi, sm_scale, T, H,
     do = _rows(DO + b * stride_ob + h * stride_oh, rows, stride_ot, T, HEAD_DIM)
     lse = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rows < T, other=float("inf"))
     delta = tl.load(Delta + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_base = K + b * stride_kb + (h // GROUP) * stride_kh
+    v_base = V + b * stride_vb + (h // GROUP) * stride_vh
     qk_scale = sm_scale * LOG2E
     alibi = tl.load(Alibi + h) * LOG2E if HAS_ALIBI else 0.0
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -324,7 +329,7 @@ def _tiles_that_fit(streamed, kept, kept_tiles):
     return prune
 
 
-def _autotuned(kernel, choices, streamed, kept, kept_tiles, key=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI'), do_bench=None):
+def _autotuned(kernel, choices, streamed, kept, kept_tiles, key=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP'), do_bench=None):
     return triton.autotune(_configs(choices), key=list(key), do_bench=do_bench,
                            prune_configs_by={'early_config_prune': _tiles_that_fit(streamed, kept, kept_tiles)})(kernel)
 
@@ -332,7 +337,7 @@ def _autotuned(kernel, choices, streamed, kept, kept_tiles, key=('T_BUCKET', 'HE
 if INTERPRET:
     _kernels = dict(fwd=_attn_fwd, dkdv=_attn_bwd_dkdv, dq=_attn_bwd_dq)
 else:
-    _kernels = dict(fwd=_autotuned(_attn_fwd, *TILES['fwd'], key=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'HAS_PSEUDO')),
+    _kernels = dict(fwd=_autotuned(_attn_fwd, *TILES['fwd'], key=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP', 'HAS_PSEUDO')),
                     dkdv=_autotuned(_attn_bwd_dkdv, *TILES['dkdv']), dq=_autotuned(_attn_bwd_dq, *TILES['dq']))
 
 
@@ -369,7 +374,8 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma:
     _launch('fwd', 'BLOCK_M', B * H, T, q, k, v, o, lse,
             dummy if gamma is None else gamma, dummy if alibi is None else alibi,
             sm_scale, T, H, pseudo_len, *_strides(q), *_strides(k), *_strides(v), *_strides(o), length_bucket(T),
-            HEAD_DIM=D, HAS_PSEUDO=gamma is not None, HAS_ALIBI=alibi is not None, PRECISION=_precision(q.dtype))
+            HEAD_DIM=D, HAS_PSEUDO=gamma is not None, HAS_ALIBI=alibi is not None, PRECISION=_precision(q.dtype),
+            GROUP=H // k.size(1))
     return o, lse
 
 
@@ -382,26 +388,31 @@ def _(q, k, v, gamma, alibi, pseudo_len, sm_scale):
 @torch.library.custom_op("stablemask::attention_backward", mutates_args=())
 def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                         lse: torch.Tensor, alibi: Optional[torch.Tensor], sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dQ, dK, dV, each in O's memory layout."""
+    """dQ in O's memory layout; dK, dV in the same layout with K's heads."""
     B, H, T, D = q.shape
     if do.stride() != o.stride():
         do = torch.empty_like(o).copy_(do)
-    dq, dk, dv = torch.empty_like(o), torch.empty_like(o), torch.empty_like(o)
+    dq, (dk, dv) = torch.empty_like(o), _kv_grads(k)
     delta = torch.empty_like(lse)
     block = 64 if not INTERPRET else 32
     _bwd_preprocess[(B * H * triton.cdiv(T, block),)](o, do, delta, T, H, *_strides(o), HEAD_DIM=D, BLOCK_M=block)
-    common = dict(HEAD_DIM=D, HAS_ALIBI=alibi is not None, PRECISION=_precision(q.dtype))
+    common = dict(HEAD_DIM=D, HAS_ALIBI=alibi is not None, PRECISION=_precision(q.dtype), GROUP=H // k.size(1))
     args = (q, k, v, do)
     tail = (lse, delta, lse if alibi is None else alibi, sm_scale, T, H,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(o), length_bucket(T))
-    _launch('dkdv', 'BLOCK_N', B * H, T, *args, dk, dv, *tail, **common)
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(dk), length_bucket(T))
+    _launch('dkdv', 'BLOCK_N', B * k.size(1), T, *args, dk, dv, *tail, **common)
     _launch('dq', 'BLOCK_M', B * H, T, *args, dq, *tail, **common)
     return dq, dk, dv
 
 
+def _kv_grads(k):
+    B, H_kv, T, D = k.shape
+    return (torch.empty((B, T, H_kv, D), device=k.device, dtype=k.dtype).transpose(1, 2) for _ in range(2))
+
+
 @_attention_backward.register_fake
 def _(do, q, k, v, o, lse, alibi, sm_scale):
-    return torch.empty_like(o), torch.empty_like(o), torch.empty_like(o)
+    return torch.empty_like(o), *_kv_grads(k)
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -422,13 +433,16 @@ torch.library.register_autograd("stablemask::attention_forward", _backward, setu
 
 def stablemask_attention(q, k, v, gamma=None, alibi=None, pseudo_len=None, sm_scale=None):
     """StableMask attention, fused: the same function as model.stablemask_reference.
-    q, k, v: (B, H, T, D), one dtype of float32 / float16 / bfloat16, D <= 128 (other widths than
-    16, 32, 64, 128 are zero-padded up to the next one). gamma: (H,) pseudo-score decays >= 0, one
+    q: (B, H, T, D); k, v: (B, H_kv, T, D) with H a multiple of H_kv (grouped-query attention; each
+    K/V head serves H / H_kv consecutive query heads); one dtype of float32 / float16 / bfloat16,
+    D <= 128 (other widths than 16, 32, 64, 128 are zero-padded up to the next one). gamma: (H,) pseudo-score decays >= 0, one
     float for every head, or None for plain causal attention. alibi: (H,) ALiBi slopes or None.
     pseudo_len: the length the pseudo mass extends to (default T; the training length under SM-I).
     sm_scale: default 1/sqrt(D). Returns (B, H, T, D) in the (B, T, H, D) memory layout."""
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must share one shape (B, H, T, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or (q.size(0), q.size(2), q.size(3)) != (k.size(0), k.size(2), k.size(3)) \
+            or q.size(1) % k.size(1):
+        raise ValueError(f"q (B, H, T, D) and k, v (B, H_kv, T, D) with H a multiple of H_kv; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"q, k, v must share one dtype of float32, float16, bfloat16; got {q.dtype}, {k.dtype}, {v.dtype}")
     B, H, T, D = q.shape

@@ -33,9 +33,11 @@ def rel_err(x, ref):
     return err / scale if scale > 0 else err
 
 
-def inputs(B, H, T, D, dtype, seed=0, device=DEVICE):
+def inputs(B, H, T, D, dtype, seed=0, device=DEVICE, kv_heads=None):
+    """Random q, do (B, H, T, D) and k, v (B, kv_heads or H, T, D)."""
     g = torch.Generator().manual_seed(seed)
-    q, k, v, do = (torch.randn(B, H, T, D, generator=g).to(device, dtype) for _ in range(4))
+    q, k, v, do = (torch.randn(B, kv_heads if i in (1, 2) and kv_heads else H, T, D, generator=g).to(device, dtype)
+                   for i in range(4))
     return q, k, v, do
 
 
@@ -64,7 +66,7 @@ def check(impl, q, k, v, do, gamma, alibi=None, pseudo_len=None):
     expected = float64_reference(q, k, v, do, gamma, alibi, pseudo_len)
     got = run(impl, q, k, v, do, gamma, alibi, pseudo_len)
     for name, x, ref in zip(('out', 'dq', 'dk', 'dv'), got, expected):
-        assert x.shape == ref.shape and x.dtype == q.dtype, name
+        assert x.shape == ref.shape and x.dtype == q.dtype, name  # dk, dv: K's heads, summed over each group
         assert torch.isfinite(x).all(), f"{impl} {name}: NaN or inf"
         err = rel_err(x, ref)
         assert err <= TOLERANCE[q.dtype], f"{impl} {name}: relative error {err:.2e}"
@@ -89,6 +91,16 @@ def test_float32_matches_float64(poisoned, impl, T, D, gamma, alibi, extra):
     B, H = 2, 4 if gamma == 'mixed' else 3
     q, k, v, do = inputs(B, H, T, D, torch.float32, seed=T * D)
     check(impl, q, k, v, do, gammas(gamma, H), alibi_slopes(H) if alibi else None, T + extra)
+
+
+@pytest.mark.parametrize('impl', ['kernel', 'sdpa', 'reference'])
+@pytest.mark.parametrize('H,kv_heads,T,D,alibi,extra', [(4, 1, 17, 32, False, 0), (4, 2, 100, 64, True, 0), (6, 2, 257, 32, True, 30),
+                                                         (8, 4, 64, 24, False, 5), (3, 1, 1, 16, True, 9)])
+def test_grouped_query_attention(poisoned, impl, H, kv_heads, T, D, alibi, extra):
+    """Fewer K/V heads than query heads, each serving a group: against float64 (whose reference
+    repeats K and V); dK and dV come back with K's heads, the sum over their group."""
+    q, k, v, do = inputs(2, H, T, D, torch.float32, seed=H * T, kv_heads=kv_heads)
+    check(impl, q, k, v, do, alibi_slopes(H), alibi_slopes(H) if alibi else None, T + extra)
 
 
 @pytest.mark.parametrize('T', [1, 17, 130])
@@ -181,8 +193,10 @@ def test_kernel_strided_inputs(poisoned):
 
 def test_kernel_rejects_bad_input():
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
-    with pytest.raises(ValueError, match='share one shape'):
+    with pytest.raises(ValueError, match='H a multiple of H_kv'):
         stablemask_attention(q, q[:, :, :4], q)
+    with pytest.raises(ValueError, match='H a multiple of H_kv'):
+        stablemask_attention(torch.randn(1, 3, 8, 16, device=DEVICE), q, q)  # 3 query heads cannot share 2 K/V heads
     with pytest.raises(ValueError, match='dtype'):
         stablemask_attention(q, q.half(), q)
     with pytest.raises(ValueError, match='above'):
@@ -237,17 +251,16 @@ def test_cuda_branches_run_on_meta_tensors(monkeypatch, kind, D, width, bias):
 
 
 INT64_OFFSETS = r'''
-import math, torch
-make = torch.empty
-torch.empty = lambda *a, **kw: make(*a, **kw).fill_(math.nan)  # poisoned: unwritten output shows
+import torch
 from model import alibi_slopes, stablemask_reference
 from stablemask_kernel import stablemask_attention
 B, H, T, D, stride = 1, 2, 40, 16, 2 ** 26  # row 39 sits 2.6e9 elements in: past int32
 n = (T - 1) * stride + H * D
 g = torch.Generator().manual_seed(0)
-q, k, v = (make(n, dtype=torch.float16).as_strided((B, H, T, D), (n, D, stride, 1)) for _ in range(3))
+q, k, v = (torch.empty(n, dtype=torch.float16).as_strided((B, H, T, D), (n, D, stride, 1)) for _ in range(3))
 for t in (q, k, v):
     t.copy_(torch.randn(B, H, T, D, generator=g))  # only these rows are touched: memory stays small
+torch.use_deterministic_algorithms(True, warn_only=True)  # from here torch.empty fills with NaN: unwritten output shows
 do = torch.randn(B, H, T, D, generator=g).half()
 leaves = [t.detach().requires_grad_() for t in (q, k, v)]
 got = [stablemask_attention(*leaves, alibi_slopes(H))]
@@ -368,7 +381,7 @@ for dtype, size, precision, D in (('bf16', 2, 'tf32', 128), ('fp32', 4, 'tf32x3'
         configs = sk._configs(choices)
         pick = configs[0] if dtype == 'bf16' else min(configs, key=lambda c: sk.shared_memory(c, *tiles, D, size))
         extra = dict(HAS_PSEUDO=True) if name == 'fwd' else {}
-        compiled = compile_for_hopper(kernels[name], dtype, pick, HEAD_DIM=D, HAS_ALIBI=True, PRECISION=precision, **extra)
+        compiled = compile_for_hopper(kernels[name], dtype, pick, HEAD_DIM=D, HAS_ALIBI=True, PRECISION=precision, GROUP=4, **extra)
         estimate = sk.shared_memory(pick, *tiles, D, size)
         assert abs(compiled.metadata.shared - estimate) <= 2048, (name, dtype, D, compiled.metadata.shared, estimate)
         assert 'warp_group_dot' in compiled.asm['ttgir'], (name, dtype)  # tensor cores, float32 included (tf32x3)

@@ -190,3 +190,38 @@ def test_sample_next():
     assert set(sample_next(logits, top_p=0.5).flatten().tolist()) == {1}
     assert set(sample_next(logits, top_p=float(probs[1] + 0.01)).flatten().tolist()) == {1, 3}
     assert set(sample_next(logits).flatten().tolist()) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize('pos_enc,attn_mask', [('rope', 'stablemask'), ('alibi', 'stablemask'), ('rope', 'causal')])
+def test_grouped_query_attention_in_the_model(pos_enc, attn_mask):
+    """n_kv_head < n_head: every attention path gives the same logits and gradients, and the KV cache
+    keeps only the K/V heads while its steps equal a full forward."""
+    torch.manual_seed(0)
+    model = GPT(tiny(n_head=4, n_kv_head=2, pos_enc=pos_enc, attn_mask=attn_mask)).to(DEVICE)
+    assert model.transformer.h[0].attn.c_attn.weight.shape == ((4 + 2 * 2) * 16, 64)
+    idx = torch.randint(0, 97, (2, 37), device=DEVICE)
+    results = {}
+    for impl in ('reference', 'sdpa', 'triton'):
+        for block in model.transformer.h:
+            block.attn.impl = impl
+        model.zero_grad()
+        logits, loss = model(idx, targets=idx)
+        loss.backward()
+        results[impl] = (logits.detach(), [p.grad.clone() for p in model.parameters()])
+    for impl in ('sdpa', 'triton'):
+        torch.testing.assert_close(results[impl][0], results['reference'][0], rtol=1e-4, atol=1e-5)
+        for g, ref in zip(results[impl][1], results['reference'][1]):
+            torch.testing.assert_close(g, ref, rtol=1e-3, atol=1e-6)
+    model.eval()
+    cache = KVCache(model.config.n_layer, 37)
+    with torch.no_grad():
+        steps = [model(idx[:, :10], pseudo_len=64, kv_cache=cache)[0]]
+        steps += [model(idx[:, t:t + 1], pseudo_len=64, kv_cache=cache)[0] for t in range(10, 37)]
+        full = model(idx, targets=idx, pseudo_len=64)[0]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 9:], rtol=1e-4, atol=1e-5)
+    assert cache.k[0].size(1) == 2
+
+
+def test_config_refuses_kv_heads_that_do_not_divide():
+    with pytest.raises(ValueError, match='not a multiple of n_kv_head'):
+        tiny(n_head=4, n_kv_head=3)

@@ -30,8 +30,7 @@ def read_log(out_dir):
 
 
 def decode(meta, ids):
-    _, token_bytes = tokenizer_from_meta(meta)
-    return b''.join(token_bytes(int(i)) for i in ids).decode('utf-8')
+    return tokenizer_from_meta(meta)[1]([int(i) for i in ids])
 
 
 def load_tokens(folder):

@@ -43,7 +43,7 @@ eval_interval = 250  # evaluate, and save out_dir/ckpt.pt, every this many steps
 log_interval = 10
 eval_iters = 50  # batches per evaluation
 eval_only = False
-init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt, with its run's settings), or a checkpoint (file or folder) to fine-tune
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt, with its run's settings), a checkpoint (file or folder), or a Hugging Face LLaMA-family model's folder to fine-tune
 # data
 dataset = 'pydoc_char'  # a folder made by prepare_data.py: a name under data/, or a path
 gradient_accumulation_steps = 1  # micro-batches per step, all processes together: a multiple of the process count
@@ -52,6 +52,7 @@ block_size = 256
 # model (when resuming or fine-tuning, the architecture is the checkpoint's)
 n_layer = 4
 n_head = 4
+n_kv_head = None  # grouped-query attention: key/value heads, each serving n_head // n_kv_head query heads; None: n_head
 n_embd = 128
 dropout = 0.0
 bias = False
@@ -83,12 +84,12 @@ seed = 1337
 # -----------------------------------------------------------------------------
 RULES = dict(  # what each setting allows; configurator.check_rules applies them, to config files and --key=value alike
     eval_interval='>0', log_interval='>0', eval_iters='>0', gradient_accumulation_steps='>0', batch_size='>0',
-    block_size='>0', n_layer='>0', n_head='>0', n_embd='>0', dropout='>=0, <1', sm_gamma='>=0', learning_rate='>=0',
+    block_size='>0', n_layer='>0', n_head='>0', n_kv_head='>0', n_embd='>0', dropout='>=0, <1', sm_gamma='>=0', learning_rate='>=0',
     max_iters='>=0', weight_decay='>=0', beta1='>=0, <1', beta2='>=0, <1', grad_clip='>=0', warmup_iters='>=0',
     lr_decay_iters='>=0', min_lr='>=0', ddp_timeout='>0', peak_flops='>=0', **CONFIG_CHOICES,
     lr_schedule=('cosine', 'linear', 'constant'), backend=('auto', 'nccl', 'gloo'),
     dtype=('auto', 'float32', 'bfloat16', 'float16'))
-ARCHITECTURE = ('n_layer', 'n_head', 'n_embd', 'bias', 'pos_enc')  # a checkpoint's own; never changed by resuming or fine-tuning
+ARCHITECTURE = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'bias', 'pos_enc')  # a checkpoint's own; never changed by resuming or fine-tuning
 ADJUSTABLE = ('block_size', 'dropout', 'attn_mask', 'sm_gamma')  # a fine-tune keeps the checkpoint's unless given
 rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))  # set by torchrun
 ddp, master = 'RANK' in os.environ, rank == 0
@@ -192,9 +193,10 @@ def check_tokenizer(old, source):
     """A checkpoint continues only on data tokenized its way, or its ids would mean other text."""
     if old is None:
         return say(f"warning: {source} does not say which tokenizer it was trained with; {data_dir}'s is assumed")
-    if old['tokenizer'] != meta['tokenizer']:
+    if old['tokenizer'] != meta['tokenizer'] or old.get('tokenizer_sha256') != meta.get('tokenizer_sha256'):
         fail(f"{source} was trained on the {old['tokenizer']} tokenizer but {data_dir} is tokenized with "
-             f"{meta['tokenizer']}: prepare it with --tokenizer={old['tokenizer']}")
+             f"{meta['tokenizer']}{' (another tokenizer.json)' * (old['tokenizer'] == meta['tokenizer'])}: prepare it with "
+             f"--tokenizer={old.get('tokenizer_path') or old['tokenizer']}")
     if old.get('chars') != meta.get('chars'):
         only = sorted(set(old.get('chars') or ()) ^ set(meta.get('chars') or ()))
         fail(f"the character tables of {source} ({len(old.get('chars') or ())} characters) and {data_dir} "
@@ -237,7 +239,7 @@ torch.backends.cudnn.allow_tf32 = True
 
 # model
 iter_num, best_val_loss = 0, math.inf
-model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+model_args = dict(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=meta['vocab_size'], dropout=dropout, attn_mask=attn_mask, sm_gamma=sm_gamma,
                   pos_enc=pos_enc, attn_impl=attn_impl)
 try:
@@ -427,7 +429,8 @@ def train():
 
 if master:
     prepare_out_dir()
-say(f"{raw_model.get_num_params() / 1e6:.2f}M parameters: {cfg.n_layer} layers, {cfg.n_head} heads, d {cfg.n_embd}, "
+kv_heads = f" ({cfg.n_kv_head} key/value)" if cfg.n_kv_head not in (None, cfg.n_head) else ''
+say(f"{raw_model.get_num_params() / 1e6:.2f}M parameters: {cfg.n_layer} layers, {cfg.n_head} heads{kv_heads}, d {cfg.n_embd}, "
     f"{cfg.attn_mask} attention, {cfg.pos_enc} positions, block_size {cfg.block_size}; "
     f"{tokens_per_iter:,} tokens per step on {world_size} process(es), {device}, {dtype}")
 try:

@@ -1,0 +1,138 @@
+"""
+Hugging Face checkpoints of the LLaMA family as this repository's GPT: LlamaForCausalLM (Llama 2 and
+3.x, TinyLlama, SmolLM and SmolLM2), Qwen2ForCausalLM and MistralForCausalLM without a sliding
+window. Our model is already LLaMA's (RMSNorm, SwiGLU, rotate-half RoPE), so this is one table of
+names and one loop; q, k and v are fused into c_attn, as gpt-fast's converter does.
+
+    checkpoint = pretrained_checkpoint('SmolLM2-135M/')   # what model.load_checkpoint returns for such a folder
+
+The weights come from model.safetensors or a sharded model.safetensors.index.json (pip install
+safetensors); a pickled pytorch_model.bin is refused, as loading it could run code.
+"""
+
+import hashlib
+import json
+import os
+import re
+
+import torch
+
+SUPPORTED = ('LlamaForCausalLM', 'Qwen2ForCausalLM', 'MistralForCausalLM')
+RENAMES = [  # Hugging Face name -> ours; q, k and v go into c_attn (below)
+    (r'model\.embed_tokens\.weight', 'transformer.wte.weight'),
+    (r'model\.norm\.weight', 'transformer.ln_f.weight'),
+    (r'lm_head\.weight', 'lm_head.weight'),
+    (r'model\.layers\.(\d+)\.input_layernorm\.weight', r'transformer.h.\1.ln_1.weight'),
+    (r'model\.layers\.(\d+)\.post_attention_layernorm\.weight', r'transformer.h.\1.ln_2.weight'),
+    (r'model\.layers\.(\d+)\.self_attn\.o_proj\.weight', r'transformer.h.\1.attn.c_proj.weight'),
+    (r'model\.layers\.(\d+)\.mlp\.gate_proj\.weight', r'transformer.h.\1.mlp.c_gate.weight'),
+    (r'model\.layers\.(\d+)\.mlp\.up_proj\.weight', r'transformer.h.\1.mlp.c_fc.weight'),
+    (r'model\.layers\.(\d+)\.mlp\.down_proj\.weight', r'transformer.h.\1.mlp.c_proj.weight'),
+]
+QKV = re.compile(r'model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)')
+
+
+def is_pretrained_folder(path):
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, 'config.json')) and not os.path.isfile(os.path.join(path, 'ckpt.pt'))
+
+
+def model_args(config, where):
+    """GPTConfig fields for a Hugging Face config.json (as a dict), in the Hub's older form
+    (rope_theta, rope_scaling) or transformers 5's (rope_parameters). Raises ValueError, one line,
+    naming what is unsupported."""
+    arch = (config.get('architectures') or ['(none)'])[0]
+    if arch not in SUPPORTED:
+        raise ValueError(f"{where}: {arch} is not supported (only {', '.join(SUPPORTED)})")
+    window = config.get('sliding_window')
+    if window and (arch == 'MistralForCausalLM' or config.get('use_sliding_window')) and window < config['max_position_embeddings']:
+        raise ValueError(f"{where}: a sliding window of {window} is not supported")
+    for key in ('attention_bias', 'mlp_bias'):
+        if config.get(key):
+            raise ValueError(f"{where}: {key}=True is not supported")
+    if config.get('hidden_act', 'silu') != 'silu':
+        raise ValueError(f"{where}: hidden_act={config['hidden_act']} is not supported (only silu)")
+    rope = dict(config.get('rope_parameters') or config.get('rope_scaling') or {})
+    theta = rope.pop('rope_theta', None) or config.get('rope_theta', 10000.0)
+    kind = rope.get('rope_type', rope.get('type', 'default'))
+    if kind not in ('default', 'linear', 'llama3'):
+        raise ValueError(f"{where}: rope_type={kind} is not supported (default, linear, llama3)")
+    heads = config['num_attention_heads']
+    return dict(
+        vocab_size=config['vocab_size'], n_layer=config['num_hidden_layers'], n_head=heads,
+        n_kv_head=config.get('num_key_value_heads') or heads, n_embd=config['hidden_size'],
+        head_dim=config.get('head_dim') or config['hidden_size'] // heads, n_hidden=config['intermediate_size'],
+        norm_eps=config.get('rms_norm_eps', 1e-6), rope_base=float(theta),
+        rope_scaling=None if kind == 'default' else {'rope_type': kind, **{k: v for k, v in rope.items() if k not in ('rope_type', 'type')}},
+        qkv_bias=arch == 'Qwen2ForCausalLM', tie_embeddings=bool(config.get('tie_word_embeddings', False)),
+        block_size=config['max_position_embeddings'], bias=False, pos_enc='rope', attn_mask='causal', dropout=0.0)
+
+
+def read_weights(folder):
+    """{name: tensor} of model.safetensors, or of every shard a model.safetensors.index.json names."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ValueError("loading a Hugging Face checkpoint needs the safetensors package: pip install safetensors") from None
+    index = os.path.join(folder, 'model.safetensors.index.json')
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)['weight_map'].values()))
+    elif os.path.isfile(os.path.join(folder, 'model.safetensors')):
+        shards = ['model.safetensors']
+    else:
+        found = 'only a pickled pytorch_model.bin, refused as loading it could run code' if os.path.exists(
+            os.path.join(folder, 'pytorch_model.bin')) else 'none'
+        raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json ({found})")
+    weights = {}
+    for shard in shards:
+        weights.update(load_file(os.path.join(folder, shard)))
+    return weights
+
+
+def state_dict(weights, args, where):
+    """Our GPT's state dict from Hugging Face weights: renamed, q/k/v fused (weights, and biases)."""
+    state, qkv = {}, {}
+    for name, tensor in weights.items():
+        if name.endswith('rotary_emb.inv_freq'):
+            continue  # a buffer older checkpoints kept; ours is computed
+        fused = QKV.fullmatch(name)
+        if fused:
+            layer, which, kind = fused.groups()
+            qkv.setdefault((layer, kind), {})[which] = tensor
+            continue
+        for pattern, ours in RENAMES:
+            if re.fullmatch(pattern, name):
+                state[re.sub(pattern, ours, name)] = tensor
+                break
+        else:
+            raise ValueError(f"{where}: an unexpected tensor {name}")
+    for (layer, kind), parts in qkv.items():
+        state[f"transformer.h.{layer}.attn.c_attn.{kind}"] = torch.cat([parts['q'], parts['k'], parts['v']])
+    if args['tie_embeddings']:
+        state.pop('lm_head.weight', None)
+        state['lm_head.weight'] = state['transformer.wte.weight']
+    return state
+
+
+def tokenizer_meta(folder, config):
+    """The meta of a dataset tokenized with this folder's tokenizer.json (prepare_data.py writes the same)."""
+    path = os.path.join(folder, 'tokenizer.json')
+    if not os.path.isfile(path):
+        return None
+    eos = config.get('eos_token_id')
+    eos = eos[0] if isinstance(eos, list) else eos
+    return dict(tokenizer='hf', tokenizer_path=os.path.abspath(folder), tokenizer_sha256=file_sha256(path), eot_token=eos)
+
+
+def file_sha256(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def pretrained_checkpoint(folder):
+    """A Hugging Face folder as a checkpoint of ours: {'model', 'model_args', 'meta'}, float32 weights."""
+    with open(os.path.join(folder, 'config.json')) as f:
+        config = json.load(f)
+    args = model_args(config, folder)
+    weights = {k: v.float() for k, v in read_weights(folder).items()}
+    return dict(model=state_dict(weights, args, folder), model_args=args, meta=tokenizer_meta(folder, config))
