@@ -117,15 +117,20 @@ def sdpa_causal(backend=None):
 
 
 def implementations(gamma):
-    """name -> attention(q, k, v); the first is the baseline the ratios are taken against."""
+    """name -> attention(q, k, v); the first is the baseline the ratios are taken against. The sink
+    rows are causal attention with a learned sink logit per head (gpt-oss's), differentiated too."""
+    sink = torch.randn(gamma.numel(), generator=torch.Generator().manual_seed(0)).to(gamma.device).requires_grad_()
     if not cuda:
         return {'SDPA causal': sdpa_causal(), 'sdpa StableMask (ours)': lambda q, k, v: stablemask_sdpa(q, k, v, gamma),
+                'sdpa causal + sink logit (ours)': lambda q, k, v: stablemask_sdpa(q, k, v, None, sink=sink),
                 'reference StableMask': lambda q, k, v: stablemask_reference(q, k, v, gamma)}
     from torch.nn.attention import SDPBackend
     from stablemask_kernel import stablemask_attention
     return {'SDPA causal, flash': sdpa_causal(SDPBackend.FLASH_ATTENTION),
             'SDPA causal, cuDNN': sdpa_causal(SDPBackend.CUDNN_ATTENTION),
             'Triton StableMask (ours)': lambda q, k, v: stablemask_attention(q, k, v, gamma),
+            'Triton causal + sink logit (ours)': lambda q, k, v: stablemask_attention(q, k, v, None, sink=sink),
+            'Triton StableMask + sink logit (ours)': lambda q, k, v: stablemask_attention(q, k, v, gamma, sink=sink),
             'sdpa StableMask (ours)': lambda q, k, v: stablemask_sdpa(q, k, v, gamma),
             **({'Flex StableMask': flex_stablemask(gamma)} if flex and not quick else {}),
             'reference StableMask': lambda q, k, v: stablemask_reference(q, k, v, gamma)}

@@ -122,11 +122,7 @@ def _jsonl(path, raw, text_key, tally):
                 tally.bad(f"{path} line {number}", 'not JSON')
                 continue
             text = record.get(text_key) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                tally.bad(f"{path} line {number}", f"no {text_key!r} string")
-                continue
-            if text:
-                tally.documents += 1
+            if _is_document(text, f"{path} line {number}", text_key, tally):
                 yield text, True
     except (OSError, EOFError) as e:  # a truncated or damaged compressed file
         raise CorpusError(f"{path}: cannot decompress ({e})") from None
@@ -148,12 +144,17 @@ def _parquet(path, raw, text_key, tally):
         tally.bytes = tally.bytes_done + raw.tell()
         for text in batch.column(0).to_pylist():
             row += 1
-            if not isinstance(text, str):
-                tally.bad(f"{path} row {row}", f"no {text_key!r} string")
-                continue
-            if text:
-                tally.documents += 1
+            if _is_document(text, f"{path} row {row}", text_key, tally):
                 yield text, True
+
+
+def _is_document(text, place, text_key, tally):
+    """A record's text counts as a document; a record without a text string is malformed, an empty one is skipped."""
+    if not isinstance(text, str):
+        tally.bad(place, f"no {text_key!r} string")
+        return False
+    tally.documents += bool(text)
+    return bool(text)
 
 
 def sections(pieces, cut=True):

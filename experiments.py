@@ -137,9 +137,10 @@ def lm_loss(model, data, T, n_batches=8, batch_size=16, pseudo_len=None, window=
 
 @contextmanager
 def attention_replaced_by(fn):
-    """Run every attention layer of the model through fn(q, k, v, gamma, alibi, pseudo_len)."""
+    """Run every attention layer of the model through fn(q, k, v, gamma, alibi, pseudo_len, offset, sink)."""
     original = model_module.attend
-    model_module.attend = lambda q, k, v, gamma, alibi, pseudo_len, impl, window=None: fn(q, k, v, gamma, alibi, pseudo_len)
+    model_module.attend = lambda q, k, v, gamma, alibi, pseudo_len, impl, window=None, offset=0.0, sink=None: \
+        fn(q, k, v, gamma, alibi, pseudo_len, offset, sink)
     try:
         yield
     finally:
@@ -204,21 +205,23 @@ def position():
 
 
 def attention_shares(model, x, punctuation=None):
-    """Where the attention of model on x (B, T) goes, averaged over batch and heads, each (layer, T):
-    the share on token 0 per query position, on punctuation keys (a (vocab,) bool table), and on
-    StableMask's pseudo columns; and the attention maps of the first sequence (layer, H, T, T)."""
-    weights = []
+    """Where the attention of model on x (B, T) goes, averaged over batch and heads, each (layer, T)
+    by query position: the share on the first token, on a sink token, on punctuation keys (a (vocab,)
+    bool table), and on the virtual key (StableMask's pseudo columns and a sink logit: the mass no
+    real key gets); and the attention maps of the first sequence (layer, H, T, T)."""
+    weights, n = [], model.n_sink
 
-    def recording(q, k, v, gamma, alibi, pseudo_len):
-        W = stablemask_weights(q, k, gamma, alibi, pseudo_len)
+    def recording(q, k, v, gamma, alibi, pseudo_len, offset, sink):
+        W = stablemask_weights(q, k, gamma, alibi, pseudo_len, None, offset, sink)
         weights.append(W)
         return (W @ repeat_kv(v, q.size(1)).to(W.dtype)).to(q.dtype)
     with torch.no_grad(), attention_replaced_by(recording):
         model(x)
-    W = torch.stack(weights).cpu()  # (layer, B, H, T, T)
-    stats = dict(first=W[..., 0].mean(dim=(1, 2)), pseudo=(1 - W.sum(-1)).mean(dim=(1, 2)), maps=W[:, 0])
+    W = torch.stack(weights).cpu()[..., n:, :]  # (layer, B, H, T, n + T): the tokens' rows; a sink token is key 0
+    stats = dict(first=W[..., n].mean(dim=(1, 2)), sink=W[..., :n].sum(-1).mean(dim=(1, 2)),
+                 virtual=(1 - W.sum(-1)).mean(dim=(1, 2)), maps=W[:, 0, :, :, n:])
     if punctuation is not None:
-        stats['punct'] = (W * punctuation[x.cpu()][None, :, None, None, :]).sum(-1).mean(dim=(1, 2))
+        stats['punct'] = (W[..., n:] * punctuation[x.cpu()][None, :, None, None, :]).sum(-1).mean(dim=(1, 2))
     return stats
 
 
@@ -235,31 +238,39 @@ def pretrained_sinks():
     losses = train(after, lm_batches(train_ids, 8, T, seed=0), n_steps, lr=3e-5, warmup=min(50, n_steps))
     stats['after'] = attention_shares(after, x)
     rows = [[layer, f"{100 * stats['before']['first'][layer, 1:].mean():.1f}", f"{100 * stats['after']['first'][layer, 1:].mean():.1f}",
-             f"{100 * stats['after']['pseudo'][layer, 1:].mean():.1f}"] for layer in range(stats['before']['first'].size(0))]
+             f"{100 * stats['after']['virtual'][layer, 1:].mean():.1f}"] for layer in range(stats['before']['first'].size(0))]
     print(f"\n{init_from}: share of attention (%) by layer, queries 1-{T - 1} of {x.size(0)} validation windows of {T} tokens; "
           f"StableMask fine-tune of {n_steps} steps of 8 x {T} (training loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f})\n")
     print(table(['layer', 'first token, pretrained (causal)', 'first token, after StableMask', 'pseudo columns, after'], rows))
     return stats
 
 
+SINK_VARIANTS = {'causal': dict(attn_mask='causal'), 'stablemask': dict(),
+                 'learnable sink token': dict(attn_mask='causal', sink_token='learned'),
+                 'fixed sink token': dict(attn_mask='causal', sink_token='fixed'),
+                 'learned sink logit': dict(attn_mask='causal', sink_logit='learned'),
+                 'softmax off by one': dict(attn_mask='causal', sink_logit='zero')}
+
+
 def sinks():
-    """Train a causal and a StableMask model alike; then measure, on validation text, how much attention
-    goes to the first token and to punctuation, by layer and by query position, and how much
-    StableMask parks on its pseudo columns instead."""
+    """Train a causal and a StableMask model alike, and the other answers to attention sinks (sink
+    tokens, sink logits); then measure, on validation text, how much attention goes to the first token,
+    to punctuation, to a sink token and to the virtual key (StableMask's pseudo columns, a sink logit),
+    by layer and by query position."""
     if init_from:
         return pretrained_sinks()
     T, n_steps = 128, steps or 400
     train_ids, val_ids, meta = token_data('pydoc', 'char')
     punctuation = torch.tensor([c in string.punctuation or c == '\n' for c in meta['chars']])
     stats = {}
-    for mask in ('causal', 'stablemask'):
-        model = new_model(0, block_size=T, vocab_size=meta['vocab_size'], n_layer=4, n_head=4, n_embd=128, attn_mask=mask)
+    x, _ = lm_batches(val_ids, 32, T, seed=10 ** 6)(0)
+    for name, settings in SINK_VARIANTS.items():
+        model = new_model(0, block_size=T, vocab_size=meta['vocab_size'], n_layer=4, n_head=4, n_embd=128, **settings)
         train(model, lm_batches(train_ids, 16, T, seed=0), n_steps, lr=2e-3)
-        x, _ = lm_batches(val_ids, 32, T, seed=10 ** 6)(0)
-        stats[mask] = attention_shares(model, x, punctuation)
+        stats[name] = attention_shares(model, x, punctuation)
     # the first token is everything to query 0, so shares are averaged over queries 1.. only
     layers = stats['causal']['first'].size(0)
-    rows = [[layer] + [f"{100 * stats[m][key][layer, 1:].mean():.1f}" for key in ('first', 'punct', 'pseudo') for m in ('causal', 'stablemask')]
+    rows = [[layer] + [f"{100 * stats[m][key][layer, 1:].mean():.1f}" for key in ('first', 'punct', 'virtual') for m in ('causal', 'stablemask')]
             for layer in range(layers)]
     header = ['layer', 'first token, causal', 'first token, StableMask', 'punctuation, causal', 'punctuation, StableMask',
               'pseudo, causal', 'pseudo, StableMask']
@@ -267,10 +278,14 @@ def sinks():
           f" (punctuation and newlines are {100 * punctuation[x.cpu()].float().mean():.1f}% of the characters)\n")
     print(table(header, rows))
     buckets = [(1, 4), (4, 16), (16, 64), (64, T)]
-    rows = [[f"{a}-{b - 1}"] + [f"{100 * stats[m][key][:, a:b].mean():.1f}" for key in ('first', 'pseudo') for m in ('causal', 'stablemask')]
+    rows = [[f"{a}-{b - 1}"] + [f"{100 * stats[m][key][:, a:b].mean():.1f}" for key in ('first', 'virtual') for m in ('causal', 'stablemask')]
             for a, b in buckets]
     print("\nShare of attention (%) by query position, mean over layers\n")
     print(table(['query positions', 'first token, causal', 'first token, StableMask', 'pseudo, causal', 'pseudo, StableMask'], rows))
+    rows = [[name] + [f"{100 * stats[name][key][:, 1:].mean():.1f}" for key in ('first', 'sink', 'virtual', 'punct')]
+            for name in SINK_VARIANTS]
+    print("\nShare of attention (%) by model, mean over layers and queries 1-127: where the other answers to sinks put it\n")
+    print(table(['model', 'first token', 'sink token', 'virtual key (pseudo columns, sink logit)', 'punctuation'], rows))
     plt = pyplot()
     if plt:
         fig, axes = plt.subplots(2, 4, figsize=(14, 7))
@@ -284,7 +299,7 @@ def sinks():
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for mask, style in (('causal', '-'), ('stablemask', '--')):
             ax.plot(100 * stats[mask]['first'].mean(0)[1:], style, label=f"{mask}: first token")
-        ax.plot(100 * stats['stablemask']['pseudo'].mean(0)[1:], ':', label='stablemask: pseudo mass')
+        ax.plot(100 * stats['stablemask']['virtual'].mean(0)[1:], ':', label='stablemask: pseudo mass')
         ax.set_xlabel('query position')
         ax.set_ylabel('% of attention')
         ax.legend()
@@ -338,14 +353,27 @@ def extrapolation():
 # 4. language modelling A/B
 
 
-LM_VARIANTS = [('rope', 'causal', None), ('rope', 'stablemask', None), ('rope', 'stablemask', 0.0),
-               ('alibi', 'causal', None), ('alibi', 'stablemask', None)]
+LM_VARIANTS = [  # (positions, name, GPTConfig settings, the paper's MiniPile perplexity (Table 3) or '')
+    ('rope', 'causal (pseudo value -inf)', dict(attn_mask='causal'), '22.5'),
+    ('rope', 'learnable sink token', dict(attn_mask='causal', sink_token='learned'), '21.6'),
+    ('rope', 'fixed sink token', dict(attn_mask='causal', sink_token='fixed'), '22.4'),
+    ('rope', 'pseudo value 0', dict(sm_gamma=0.0), '21.5'),
+    ('rope', 'pseudo value constant (-2)', dict(sm_gamma=0.0, sm_offset=-2.0), '22.2'),
+    ('rope', 'StableMask (positional decay)', dict(), '21.1'),
+    ('rope', 'learned sink logit (gpt-oss)', dict(attn_mask='causal', sink_logit='learned'), ''),
+    ('rope', 'softmax off by one', dict(attn_mask='causal', sink_logit='zero'), ''),
+    ('rope', 'StableMask + learned sink logit', dict(sink_logit='learned'), ''),
+    ('alibi', 'causal (pseudo value -inf)', dict(attn_mask='causal'), ''),
+    ('alibi', 'StableMask (positional decay)', dict(), ''),
+]
 
 
 def lm():
-    """Causal vs StableMask on Tiny Shakespeare, RoPE and ALiBi, both tokenizers, several seeds; with the
-    paper's ablation of a zero pseudo value (gamma = 0). The paper (MiniPile perplexity): baseline 22.5,
-    pseudo value 0 21.5, StableMask 21.1."""
+    """The paper's Table 3 at one budget for all: causal attention, a learnable and a fixed sink token,
+    pseudo values 0, a constant (the paper does not say which; -2 here) and the positional decay
+    (StableMask); and today's answers to the same problem: a learned sink logit per head (gpt-oss),
+    softmax off by one, and StableMask with a learned sink logit. Tiny Shakespeare, RoPE (and two ALiBi
+    rows), both tokenizers, several seeds."""
     T, n_steps, n_seeds = 64, steps or 200, seeds or 2
     results = {}
     for tokenizer in tokenizers.split(','):
@@ -354,39 +382,36 @@ def lm():
         if tokenizer == 'gpt2':  # a CPU economy, the same for every variant: only the 11k BPE tokens that occur
             used, compact = torch.unique(torch.cat([train_ids, val_ids]), return_inverse=True)
             train_ids, val_ids, vocab_size, n_embd = compact[:len(train_ids)], compact[len(train_ids):], len(used), 64
-        for pos_enc, mask, gamma in LM_VARIANTS:
+        for pos_enc, name, settings, _ in LM_VARIANTS:
             curves, finals = [], []
             for seed in range(n_seeds):
                 model = new_model(seed, block_size=T, vocab_size=vocab_size, n_layer=2, n_head=4, n_embd=n_embd,
-                                  pos_enc=pos_enc, attn_mask=mask, sm_gamma=gamma)
+                                  pos_enc=pos_enc, **settings)
                 curves.append(train(model, lm_batches(train_ids, 16, T, seed), n_steps, lr=2e-3))
                 finals.append(lm_loss(model, val_ids, T))
-            results[tokenizer, pos_enc, mask, gamma] = dict(curves=curves, final=finals)
+            results[tokenizer, pos_enc, name] = dict(curves=curves, final=finals)
     rows = []
     for tokenizer in tokenizers.split(','):
-        base = {p: np.mean(results[tokenizer, p, 'causal', None]['final']) for p in ('rope', 'alibi')}
-        for pos_enc, mask, gamma in LM_VARIANTS:
-            finals = results[tokenizer, pos_enc, mask, gamma]['final']
-            name = mask if gamma is None else f"{mask}, gamma = {gamma:g}"
+        base = {p: np.mean(results[tokenizer, p, LM_VARIANTS[0][1]]['final']) for p in ('rope', 'alibi')}
+        for pos_enc, name, _, paper in LM_VARIANTS:
+            finals = results[tokenizer, pos_enc, name]['final']
             rows.append([tokenizer, pos_enc, name, mean_std(finals), f"{np.mean(finals) - base[pos_enc]:+.3f}",
-                         f"{math.exp(np.mean(finals)):.2f}"])
+                         f"{math.exp(np.mean(finals)):.2f}", paper])
     print(f"\nTiny Shakespeare validation loss after {n_steps} steps of 16 x {T} tokens ({n_seeds} seeds: mean ± standard deviation)\n")
-    print(table(['tokenizer', 'positions', 'attention', 'val loss', 'vs causal', 'perplexity'], rows))
+    print(table(['tokenizer', 'positions', 'attention', 'val loss', 'vs causal', 'perplexity', 'paper (MiniPile perplexity)'], rows))
     plt = pyplot()
     if plt:
         toks = tokenizers.split(',')
-        fig, axes = plt.subplots(1, len(toks), figsize=(6 * len(toks), 3.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(toks), figsize=(7 * len(toks), 4), squeeze=False)
         for ax, tokenizer in zip(axes[0], toks):
-            for pos_enc, mask, gamma in LM_VARIANTS:
-                curves = np.array(results[tokenizer, pos_enc, mask, gamma]['curves'])
+            for pos_enc, name, _, _ in LM_VARIANTS:
+                curves = np.array(results[tokenizer, pos_enc, name]['curves'])
                 smooth = np.array([np.convolve(c, np.ones(20) / 20, mode='valid') for c in curves])
-                label = f"{pos_enc}, {mask}" + ('' if gamma is None else f", gamma={gamma:g}")
-                ax.plot(smooth.mean(0), label=label)
-                ax.fill_between(np.arange(smooth.shape[1]), smooth.min(0), smooth.max(0), alpha=0.2)
+                ax.plot(smooth.mean(0), label=f"{pos_enc}, {name}")
             ax.set_title(f"Tiny Shakespeare, {tokenizer}")
             ax.set_xlabel('step')
             ax.set_ylabel('training loss')
-        axes[0, 0].legend(fontsize=8)
+        axes[0, 0].legend(fontsize=7)
         save(fig, 'lm.png')
     return results
 

@@ -49,13 +49,16 @@ def log_pseudo_mass(gamma, rows, pseudo_len):
     return torch.where(g > 0, decaying, torch.log(count))  # g = 0: every pseudo score is 0
 
 
-def stablemask_weights(q, k, gamma, alibi=None, pseudo_len=None, window=None):
+def stablemask_weights(q, k, gamma, alibi=None, pseudo_len=None, window=None, offset=0.0, sink=None):
     """The attention weights of the paper's Eq. 11, written to be read, not to be fast.
     q (B, H, Tq, D) are the last Tq of the T positions of k (B, H, T, D) (Tq = T in training, Tq < T
     when decoding with a KV cache). gamma (H,) is the pseudo-score decay, or None for plain causal
     attention; alibi (H,) ALiBi slopes or None; pseudo_len the length the pseudo mass extends to
     (default T; the training block size under SM-I); window: each row sees only its last `window`
-    keys (itself included), as with a KV cache that drops its oldest entry; None: every earlier key.
+    keys (itself included), as with a KV cache that drops its oldest entry; None: every earlier key;
+    offset: a constant added to every pseudo score (with gamma 0, the paper's 'constant' ablation);
+    sink (H,): a per-head logit of one more key of value 0 in every row (a learned sink, or 0 for
+    softmax off by one), or None.
     Returns W (B, H, Tq, T), float32 (float64 for float64 inputs); row i sums to R_i / (R_i + S_i),
     the rest being the pseudo-attention mass. k may have fewer heads than q (grouped-query
     attention): each of its heads serves H / H_kv consecutive query heads."""
@@ -73,19 +76,22 @@ def stablemask_weights(q, k, gamma, alibi=None, pseudo_len=None, window=None):
     if gamma is None:
         P = torch.where(j > i, -math.inf, 0.0)  # the plain causal baseline: no pseudo mass
     else:
-        P = torch.where(j > i, -j * gamma.to(dtype).view(-1, 1, 1), 0.0)  # Eq. 10: P[i,j] = -j*gamma
+        P = torch.where(j > i, offset - j * gamma.to(dtype).view(-1, 1, 1), 0.0)  # Eq. 10: P[i,j] = -j*gamma (+ offset)
         P = P.masked_fill((j > i) & (j >= N), -math.inf)  # no pseudo column at or beyond N
     scores = A * C + P
     if window is not None:  # keys that have left the window are not in the row at all
         scores = scores.masked_fill(j <= i - window, -math.inf)
+    if sink is not None:  # a sink logit: one more column in every row, dropped after the softmax like the future
+        scores = torch.cat([scores, sink.to(dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)], dim=-1)
+        C = F.pad(C, (0, 1))
     W = torch.softmax(scores, dim=-1) * C  # Eq. 11: softmax over all columns, THEN zero the future
     return W[..., :T]
 
 
-def stablemask_reference(q, k, v, gamma, alibi=None, pseudo_len=None, window=None):
+def stablemask_reference(q, k, v, gamma, alibi=None, pseudo_len=None, window=None, offset=0.0, sink=None):
     """StableMask attention, O = W V with W from stablemask_weights (Eq. 11). v (B, H, T, D);
     returns (B, H, Tq, D) in q's dtype."""
-    W = stablemask_weights(q, k, gamma, alibi, pseudo_len, window)
+    W = stablemask_weights(q, k, gamma, alibi, pseudo_len, window, offset, sink)
     return (W @ repeat_kv(v, q.size(1)).to(W.dtype)).to(q.dtype)
 
 
@@ -156,7 +162,9 @@ class StableMaskSDPA(torch.autograd.Function):
     """StableMask through PyTorch's own fused attention (README, The method). StableMask is causal
     attention plus one virtual key per row of logit log S_i and value 0, so
         L_i = logaddexp(lse_i, log S_i),   O_i = O_causal_i * exp(lse_i - L_i) = O_causal_i * sigmoid(lse_i - log S_i),
-    and the fused backward, handed this O and L in place of its own, computes StableMask's gradients."""
+    and the fused backward, handed this O and L in place of its own, computes StableMask's gradients.
+    The virtual key's logit (log S_i, with a sink logit folded in) gets -P_virtual(i) * Delta_i, with
+    Delta_i = rowsum(dO_i * O_i): what a learned sink logit learns from."""
 
     @staticmethod
     def forward(ctx, q, k, v, log_mass, bias):
@@ -171,38 +179,53 @@ class StableMaskSDPA(torch.autograd.Function):
         lse_sm = lse.clone()
         lse_sm[..., :Tq] = torch.logaddexp(lse[..., :Tq], log_mass)
         out = out * torch.sigmoid(lse[..., :Tq] - log_mass).unsqueeze(-1).to(out.dtype)
-        ctx.save_for_backward(q, k, v, out, lse_sm, bias)
+        ctx.save_for_backward(q, k, v, out, lse_sm, bias, log_mass)
         ctx.causal, ctx.kind, ctx.head_dim, ctx.saved = causal, kind, D, saved
         return out[..., :D]
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse_sm, bias = ctx.saved_tensors
+        q, k, v, out, lse_sm, bias, log_mass = ctx.saved_tensors
         D = ctx.head_dim
         do = F.pad(do, (0, q.size(-1) - D)) if q.size(-1) != D else do.contiguous()
         grads = _fused_backward(ctx.kind, do, q, k, v, out, lse_sm, bias, ctx.causal, 1 / math.sqrt(D), ctx.saved)
-        return (*(g[..., :D] for g in grads), None, None)
+        d_log_mass = None
+        if ctx.needs_input_grad[3]:
+            delta = (do.float() * out.float()).sum(-1)  # (B, H, Tq)
+            d_log_mass = -(torch.exp(log_mass - lse_sm[..., :q.size(-2)]) * delta).sum(0)
+        return (*(g[..., :D] for g in grads), d_log_mass, None)
 
 
-def stablemask_sdpa(q, k, v, gamma, alibi=None, pseudo_len=None, window=None):
+def stablemask_sdpa(q, k, v, gamma, alibi=None, pseudo_len=None, window=None, offset=0.0, sink=None):
     """StableMask attention on PyTorch's fused kernels, the same function as stablemask_reference.
     Tq must be T (training, prefill) or 1 (a decode step), on a CPU or a CUDA GPU; anything else goes
     to the reference."""
     Tq, T = q.size(-2), k.size(-2)
     if Tq not in (T, 1) or q.device.type not in ('cpu', 'cuda'):
-        return stablemask_reference(q, k, v, gamma, alibi, pseudo_len, window)
+        return stablemask_reference(q, k, v, gamma, alibi, pseudo_len, window, offset, sink)
     k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))  # grouped-query attention: autograd sums dK, dV over each group
     if window is not None and window >= T:
         window = None  # it hides nothing
     bias = None if alibi is None and window is None else attention_bias(alibi, window, Tq, T, q.dtype, q.device)
-    if gamma is None:  # the causal baseline needs no correction; PyTorch's dispatcher picks a kernel that fits
+    if gamma is None and sink is None:  # the causal baseline needs no correction; PyTorch's dispatcher picks a kernel that fits
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and Tq > 1)
     rows = torch.arange(T - Tq, T, device=q.device)
-    log_mass = log_pseudo_mass(gamma, rows, T if pseudo_len is None else pseudo_len)
+    log_mass = virtual_logits(gamma, rows, T if pseudo_len is None else pseudo_len, offset, sink, q.size(1))
     return StableMaskSDPA.apply(q, k, v, log_mass, bias)
 
 
-def attend(q, k, v, gamma, alibi, pseudo_len, impl, window=None):
+def virtual_logits(gamma, rows, pseudo_len, offset, sink, n_head):
+    """(H, Tq): the logit of each row's one virtual key of value 0, which stands for all its extra
+    mass: StableMask's pseudo mass (shifted by offset) and a sink logit, either of them or both."""
+    logits = torch.full((n_head, rows.numel()), -math.inf, device=rows.device)
+    if gamma is not None:
+        logits = log_pseudo_mass(gamma, rows, pseudo_len) + offset
+    if sink is not None:
+        logits = torch.logaddexp(logits, sink.float().view(-1, 1))
+    return logits
+
+
+def attend(q, k, v, gamma, alibi, pseudo_len, impl, window=None, offset=0.0, sink=None):
     """Dispatch to one of three implementations of the same function; see GPTConfig.attn_impl."""
     if impl == 'auto':
         impl = {'cuda': 'triton', 'cpu': 'sdpa'}.get(q.device.type, 'reference')
@@ -211,10 +234,10 @@ def attend(q, k, v, gamma, alibi, pseudo_len, impl, window=None):
     if impl == 'triton' and q.size(-2) == k.size(-2) and window is None:  # decode steps and windows use sdpa
         from stablemask_kernel import MAX_HEAD_DIM, stablemask_attention  # imported on use: the other paths need no Triton
         if q.size(-1) <= MAX_HEAD_DIM:  # wider heads use sdpa too
-            return stablemask_attention(q, k, v, gamma, alibi, pseudo_len)
+            return stablemask_attention(q, k, v, gamma, alibi, pseudo_len, offset=offset, sink=sink)
     if impl == 'reference':
-        return stablemask_reference(q, k, v, gamma, alibi, pseudo_len, window)
-    return stablemask_sdpa(q, k, v, gamma, alibi, pseudo_len, window)
+        return stablemask_reference(q, k, v, gamma, alibi, pseudo_len, window, offset, sink)
+    return stablemask_sdpa(q, k, v, gamma, alibi, pseudo_len, window, offset, sink)
 
 # -----------------------------------------------------------------------------
 # The model
@@ -242,6 +265,10 @@ class GPTConfig:
     rope_scaling: dict = None  # {'rope_type': 'linear', 'factor': f} or Llama 3's {'rope_type': 'llama3', ...}; None: plain RoPE
     qkv_bias: bool = False  # biases on q, k, v only (Qwen2)
     tie_embeddings: bool = False  # the output head shares the token embedding matrix
+    # the paper's Table 3 comparisons, and today's sinks (experiments.py lm); each combines with every pos_enc
+    sm_offset: float = 0.0  # added to every pseudo score: with sm_gamma=0.0, the paper's 'constant' pseudo value
+    sink_logit: str = 'none'  # 'learned': a logit per head for a virtual key of value 0 in every row (gpt-oss); 'zero': that logit fixed at 0 (softmax off by one)
+    sink_token: str = 'none'  # 'learned': an embedding prepended to every sequence (a sink token); 'fixed': the same, never trained
 
     def __post_init__(self):
         for name, allowed in CONFIG_CHOICES.items():
@@ -256,7 +283,8 @@ class GPTConfig:
 
 
 CONFIG_CHOICES = dict(attn_mask=('stablemask', 'causal'), pos_enc=('rope', 'alibi', 'learned', 'none'),
-                      attn_impl=('auto', 'reference', 'triton', 'sdpa'))
+                      attn_impl=('auto', 'reference', 'triton', 'sdpa'), sink_logit=('none', 'learned', 'zero'),
+                      sink_token=('none', 'learned', 'fixed'))
 
 # The paper's model sizes (README, Pretraining) and a tiny one for CPUs. The names are the paper's;
 # GPT(...).get_num_params() gives the count (untied GPT-2 embeddings included): 71.9M, 162M, 308M, 1.44B.
@@ -374,6 +402,11 @@ class CausalSelfAttention(nn.Module):
         alibi = alibi_slopes(config.n_head) if config.pos_enc == 'alibi' else None
         self.register_buffer('gamma', gamma, persistent=False)
         self.register_buffer('alibi', alibi, persistent=False)
+        self.offset = config.sm_offset
+        if config.sink_logit == 'learned':  # a parameter, unlike StableMask: its gradient comes through the virtual key
+            self.sink = nn.Parameter(torch.zeros(config.n_head))
+        else:
+            self.register_buffer('sink', torch.zeros(config.n_head) if config.sink_logit == 'zero' else None, persistent=False)
 
     def forward(self, x, rope=None, layer=0, kv_cache=None, pseudo_len=None, window=None):
         B, T, C = x.size()
@@ -384,7 +417,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
-        y = attend(q, k, v, self.gamma, self.alibi, pseudo_len, self.impl, window)
+        y = attend(q, k, v, self.gamma, self.alibi, pseudo_len, self.impl, window, self.offset, self.sink)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
@@ -429,12 +462,19 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=RMSNorm(config.n_embd, config.norm_eps),
         ))
+        self.n_sink = int(config.sink_token != 'none')  # positions before the tokens: the sink token's
         if config.pos_enc == 'learned':
-            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+            self.transformer.wpe = nn.Embedding(config.block_size + self.n_sink, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied, as in LLaMA, unless tie_embeddings
         self.apply(self._init_weights)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        if config.sink_token != 'none':
+            token = torch.randn(config.n_embd, generator=torch.Generator().manual_seed(0)) * 0.02
+            if config.sink_token == 'learned':
+                self.sink_token = nn.Parameter(token)
+            else:  # saved with the model, so that it is the same token after loading
+                self.register_buffer('sink_token', token)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith('c_proj.weight'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -458,12 +498,19 @@ class GPT(nn.Module):
         B, T = idx.size()
         start = 0 if kv_cache is None else kv_cache.pos
         window = window if kv_cache is None else kv_cache.window
-        pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.wte(idx)
+        prepend = self.n_sink and start == 0  # the sink token opens every sequence (a cache holds it after)
+        if prepend:
+            x = torch.cat([self.sink_token.to(x.dtype).expand(B, 1, -1), x], dim=1)
+            if window is not None:
+                raise ValueError("a window with a sink token is not supported (generation recomputes the last block_size tokens instead)")
+        if pseudo_len is not None:
+            pseudo_len += self.n_sink  # the training length, in positions: block_size tokens after the sink
+        pos = torch.arange(start, start + x.size(1), device=idx.device)
         rope = None
         if self.config.pos_enc == 'learned':
-            if start + T > self.config.block_size:
-                raise ValueError(f"position {start + T - 1} is past the learned positions (block_size {self.config.block_size})")
+            if pos[-1] >= self.config.block_size + self.n_sink:
+                raise ValueError(f"position {pos[-1]} is past the learned positions (block_size {self.config.block_size})")
             x = x + self.transformer.wpe(pos)
         elif self.config.pos_enc == 'rope':
             rope = rope_cos_sin(pos, self.transformer.h[0].attn.head_dim, self.config.rope_base, self.config.rope_scaling)
@@ -471,8 +518,8 @@ class GPT(nn.Module):
         for layer, block in enumerate(self.transformer.h):
             x = block(x, rope, layer, kv_cache, pseudo_len, window)
         if kv_cache is not None:
-            kv_cache.advance(T)
-        x = self.transformer.ln_f(x)
+            kv_cache.advance(x.size(1))
+        x = self.transformer.ln_f(x[:, self.n_sink:] if prepend else x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # inference: only the last position is needed
         logits = self.lm_head(x)
@@ -510,18 +557,20 @@ class GPT(nn.Module):
         tokens (sliding_window: a KV cache that drops its oldest entry, a length the model was trained
         at), or with sliding_window=False to the whole context (RoPE / ALiBi / no positions). A
         learned-position model has no positions past block_size: it recomputes the last block_size
-        tokens at every step instead."""
+        tokens at every step instead, and so does a model with a sink token (which stays first, as
+        StreamingLLM keeps its sinks) unless sliding_window is False."""
         N = self.config.block_size
-        learned = self.config.pos_enc == 'learned'
-        window = N if sliding_window and not learned else None
+        recompute = self.config.pos_enc == 'learned' or (self.n_sink and sliding_window)  # past N: the last N tokens anew
+        window = N if sliding_window and not recompute else None
         cache = None
         for step in range(max_new_tokens):
-            if cache is not None and not (learned and cache.pos >= N):
+            if cache is not None and not (recompute and cache.pos >= N + self.n_sink):
                 logits, _ = self(idx[:, -1:], pseudo_len=N, kv_cache=cache)  # one new token through the cache
-            else:  # the first step; every step without the cache; learned positions past block_size
-                context = idx[:, -N:] if learned else idx
-                cacheable = use_cache and not (learned and context.size(1) >= N)
-                cache = KVCache(self.config.n_layer, context.size(1) + max_new_tokens - step, window) if cacheable else None
+            else:  # the first step; every step without the cache; learned positions or a sink token past block_size
+                context = idx[:, -N:] if recompute else idx
+                cacheable = use_cache and not (recompute and context.size(1) >= N)
+                size = self.n_sink + context.size(1) + max_new_tokens - step
+                cache = KVCache(self.config.n_layer, size, window) if cacheable else None
                 logits, _ = self(context, pseudo_len=N, kv_cache=cache, window=window)
             idx_next = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p)
             idx = torch.cat((idx, idx_next), dim=1)
@@ -658,10 +707,10 @@ def model_from_checkpoint(checkpoint, **overrides):
     config = model.config
     state = checkpoint['model']
     if config.pos_enc == 'learned' and 'transformer.wpe.weight' in state:  # a shorter block_size keeps the first positions
-        wpe = state['transformer.wpe.weight']
-        if config.block_size > wpe.size(0):
-            raise ValueError(f"block_size {config.block_size} is past the checkpoint's {wpe.size(0)} learned positions")
-        state = {**state, 'transformer.wpe.weight': wpe[:config.block_size]}
+        wpe, positions = state['transformer.wpe.weight'], config.block_size + model.n_sink
+        if positions > wpe.size(0):
+            raise ValueError(f"block_size {config.block_size} is past the checkpoint's {wpe.size(0) - model.n_sink} learned positions")
+        state = {**state, 'transformer.wpe.weight': wpe[:positions]}
     expected = model.state_dict()
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:

@@ -115,11 +115,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, lo,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, LSE, Gamma, Alibi, sm_scale, T, H, pseudo_len,
+def _attn_fwd(Q, K, V, Out, LSE, Gamma, Alibi, Sink, sm_scale, offset, T, H, pseudo_len,
               stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
               stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, T_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_PSEUDO: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr):
+              HAS_PSEUDO: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
+              HAS_SINK: tl.constexpr):
     bh, start_m = _program(T, BLOCK_M, True)
     b, h = (bh // H).to(tl.int64), bh % H
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -133,11 +134,17 @@ def _attn_fwd(Q, K, V, Out, LSE, Gamma, Alibi, sm_scale, T, H, pseudo_len,
     # the row's softmax starts with the pseudo mass already in it, as a virtual key of logit log S_i
     # and value 0 (running max m = log S_i, running sum l = 1), instead of from (m, l) = (-inf, 0).
     # Where S_i = 0 (the last row, or causal attention) m = -inf and the first key block wipes l.
+    # A sink logit (learned per head, or 0 for softmax off by one) is one more such key, merged in.
     if HAS_PSEUDO:
-        m_i = _log2_pseudo_mass(tl.load(Gamma + h), rows, pseudo_len)
+        m_i = _log2_pseudo_mass(tl.load(Gamma + h), rows, pseudo_len) + offset * LOG2E
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    if HAS_SINK:
+        sink = tl.load(Sink + h) * LOG2E
+        m_new = tl.maximum(m_i, sink)
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.exp2(sink - m_new)
+        m_i = m_new
     # <<< the rest is FlashAttention-2
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # key blocks wholly below the diagonal need no mask; the diagonal block does; above it, nothing
@@ -364,31 +371,34 @@ def _precision(dtype):
 
 @torch.library.custom_op("stablemask::attention_forward", mutates_args=())
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: Optional[torch.Tensor],
-                       alibi: Optional[torch.Tensor], pseudo_len: int, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(O in the (B, T, H, D) memory layout, the base-2 log-sum-exp with the pseudo mass, (B*H, T))."""
+                       alibi: Optional[torch.Tensor], sink: Optional[torch.Tensor], pseudo_len: int, sm_scale: float,
+                       offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O in the (B, T, H, D) memory layout, the base-2 log-sum-exp with the virtual mass, (B*H, T))."""
     B, H, T, D = q.shape
     # O, dO, dQ, dK and dV share one layout: (B, T, H, D) in memory, so that merging the heads is free
     o = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((B * H, T), device=q.device, dtype=torch.float32)
     dummy = lse  # stands in for an absent gamma or alibi; never read
     _launch('fwd', 'BLOCK_M', B * H, T, q, k, v, o, lse,
-            dummy if gamma is None else gamma, dummy if alibi is None else alibi,
-            sm_scale, T, H, pseudo_len, *_strides(q), *_strides(k), *_strides(v), *_strides(o), length_bucket(T),
+            dummy if gamma is None else gamma, dummy if alibi is None else alibi, dummy if sink is None else sink,
+            sm_scale, offset, T, H, pseudo_len, *_strides(q), *_strides(k), *_strides(v), *_strides(o), length_bucket(T),
             HEAD_DIM=D, HAS_PSEUDO=gamma is not None, HAS_ALIBI=alibi is not None, PRECISION=_precision(q.dtype),
-            GROUP=H // k.size(1))
+            GROUP=H // k.size(1), HAS_SINK=sink is not None)
     return o, lse
 
 
 @_attention_forward.register_fake
-def _(q, k, v, gamma, alibi, pseudo_len, sm_scale):
+def _(q, k, v, gamma, alibi, sink, pseudo_len, sm_scale, offset):
     B, H, T, D = q.shape
     return q.new_empty((B, T, H, D)).transpose(1, 2), q.new_empty((B * H, T), dtype=torch.float32)
 
 
 @torch.library.custom_op("stablemask::attention_backward", mutates_args=())
-def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                        lse: torch.Tensor, alibi: Optional[torch.Tensor], sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dQ in O's memory layout; dK, dV in the same layout with K's heads."""
+def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                        alibi: Optional[torch.Tensor], sink: Optional[torch.Tensor],
+                        sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ in O's memory layout; dK, dV in the same layout with K's heads; d(sink logit) per head
+    (zeros without one)."""
     B, H, T, D = q.shape
     if do.stride() != o.stride():
         do = torch.empty_like(o).copy_(do)
@@ -402,7 +412,11 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
             *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(dk), length_bucket(T))
     _launch('dkdv', 'BLOCK_N', B * k.size(1), T, *args, dk, dv, *tail, **common)
     _launch('dq', 'BLOCK_M', B * H, T, *args, dq, *tail, **common)
-    return dq, dk, dv
+    dsink = torch.zeros(H, device=q.device, dtype=torch.float32)
+    if sink is not None:  # the sink key's probability in each row is 2^(sink log2(e) - LSE); its gradient -sum P Delta
+        p_sink = torch.exp2(sink.view(1, H, 1) * LOG2E.value - lse.view(B, H, T))
+        dsink = -(p_sink * delta.view(B, H, T)).sum((0, 2))
+    return dq, dk, dv, dsink
 
 
 def _kv_grads(k):
@@ -411,34 +425,36 @@ def _kv_grads(k):
 
 
 @_attention_backward.register_fake
-def _(do, q, k, v, o, lse, alibi, sm_scale):
-    return torch.empty_like(o), *_kv_grads(k)
+def _(do, q, k, v, o, lse, alibi, sink, sm_scale):
+    return torch.empty_like(o), *_kv_grads(k), q.new_empty(q.size(1), dtype=torch.float32)
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, gamma, alibi, pseudo_len, sm_scale = inputs
+    q, k, v, gamma, alibi, sink, pseudo_len, sm_scale, offset = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, alibi)
+    ctx.save_for_backward(q, k, v, o, lse, alibi, sink)
     ctx.sm_scale = sm_scale
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, o, lse, alibi = ctx.saved_tensors
-    dq, dk, dv = _attention_backward(do, q, k, v, o, lse, alibi, ctx.sm_scale)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, o, lse, alibi, sink = ctx.saved_tensors
+    dq, dk, dv, dsink = _attention_backward(do, q, k, v, o, lse, alibi, sink, ctx.sm_scale)
+    return dq, dk, dv, None, None, None if sink is None else dsink.to(sink.dtype), None, None, None
 
 
 torch.library.register_autograd("stablemask::attention_forward", _backward, setup_context=_save_for_backward)
 
 
-def stablemask_attention(q, k, v, gamma=None, alibi=None, pseudo_len=None, sm_scale=None):
+def stablemask_attention(q, k, v, gamma=None, alibi=None, pseudo_len=None, sm_scale=None, offset=0.0, sink=None):
     """StableMask attention, fused: the same function as model.stablemask_reference.
     q: (B, H, T, D); k, v: (B, H_kv, T, D) with H a multiple of H_kv (grouped-query attention; each
     K/V head serves H / H_kv consecutive query heads); one dtype of float32 / float16 / bfloat16,
     D <= 128 (other widths than 16, 32, 64, 128 are zero-padded up to the next one). gamma: (H,) pseudo-score decays >= 0, one
     float for every head, or None for plain causal attention. alibi: (H,) ALiBi slopes or None.
     pseudo_len: the length the pseudo mass extends to (default T; the training length under SM-I).
-    sm_scale: default 1/sqrt(D). Returns (B, H, T, D) in the (B, T, H, D) memory layout."""
+    sm_scale: default 1/sqrt(D). offset: a constant added to every pseudo score. sink: (H,) a
+    logit per head of one more key of value 0 in every row (differentiable), or None.
+    Returns (B, H, T, D) in the (B, T, H, D) memory layout."""
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or (q.size(0), q.size(2), q.size(3)) != (k.size(0), k.size(2), k.size(3)) \
             or q.size(1) % k.size(1):
         raise ValueError(f"q (B, H, T, D) and k, v (B, H_kv, T, D) with H a multiple of H_kv; got {tuple(q.shape)}, "
@@ -452,16 +468,17 @@ def stablemask_attention(q, k, v, gamma=None, alibi=None, pseudo_len=None, sm_sc
         raise ValueError("tensors are on the CPU: run with TRITON_INTERPRET=1 set before triton is imported")
     if isinstance(gamma, (int, float)):
         gamma = torch.full((H,), float(gamma), device=q.device)
-    for name, t in (('gamma', gamma), ('alibi', alibi)):
+    for name, t in (('gamma', gamma), ('alibi', alibi), ('sink', sink)):
         if t is not None and t.shape != (H,):
             raise ValueError(f"{name} must have shape ({H},), one value per head; got {tuple(t.shape)}")
     gamma = None if gamma is None else gamma.to(device=q.device, dtype=torch.float32).contiguous()
     alibi = None if alibi is None else alibi.to(device=q.device, dtype=torch.float32).contiguous()
+    sink = None if sink is None else sink.to(device=q.device, dtype=torch.float32).contiguous()
     pseudo_len = T if pseudo_len is None else int(pseudo_len)
     sm_scale = 1 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     width = max(16, triton.next_power_of_2(D))  # tl.dot wants power-of-two tiles of at least 16
     if width != D:
         q, k, v = (F.pad(t, (0, width - D)) for t in (q, k, v))  # zero columns change no dot product
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, _ = _attention_forward(q, k, v, gamma, alibi, pseudo_len, sm_scale)
+    out, _ = _attention_forward(q, k, v, gamma, alibi, sink, pseudo_len, sm_scale, float(offset))
     return out[..., :D]

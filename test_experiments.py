@@ -27,6 +27,12 @@ def test_sinks(tmp_path):
     for layer, first_c, first_s, punct_c, punct_s, pseudo_c, pseudo_s in by_layer:
         assert float(pseudo_c) == 0.0 < float(pseudo_s) < 100  # causal attention has no pseudo mass
         assert all(0 <= float(x) <= 100 for x in (first_c, first_s, punct_c, punct_s))
+    names = ['causal', 'stablemask', 'learnable sink token', 'fixed sink token', 'learned sink logit', 'softmax off by one']
+    by_model = {r[0]: [float(c) for c in r[1:]] for r in table_rows(out) if r[0] in names}
+    assert list(by_model) == names
+    for name, (first, sink_token, virtual, punct) in by_model.items():
+        assert (sink_token > 0) == ('token' in name) and (virtual > 0) == (name in ('stablemask', 'learned sink logit', 'softmax off by one'))
+        assert 0 < first < 100 and 0 < punct < 100
     assert (tmp_path / 'out-experiments' / 'data' / 'pydoc_char' / 'meta.json').exists()
 
 
@@ -43,11 +49,11 @@ def test_lm(tmp_path, shakespeare_txt):
     out = run_script('experiments.py', 'lm', '--steps=5', '--seeds=2', '--tokenizers=char', '--plot=False',
                      f'--shakespeare={shakespeare_txt}', cwd=tmp_path).stdout
     rows = [r for r in table_rows(out) if r[0] == 'char']
-    assert len(rows) == 5 and sum('gamma = 0' in r[2] for r in rows) == 1
-    for tokenizer, positions, attention, loss, delta, ppl in rows:
+    assert len(rows) == 11 and [r[6] for r in rows[:6]] == ['22.5', '21.6', '22.4', '21.5', '22.2', '21.1']  # the paper's Table 3
+    for tokenizer, positions, attention, loss, delta, ppl, paper in rows:
         mean, spread = map(float, re.match(r'([\d.]+) ± ([\d.]+)', loss).groups())
-        assert 0 < mean < 5 and spread >= 0  # 65 characters: a loss near log(65) = 4.2 or below
-        assert (delta == '+0.000') == (attention == 'causal')
+        assert 0 < mean < 5 and spread >= 0  # a loss near log(58) = 4.1 or below
+        assert (delta == '+0.000') == (attention == 'causal (pseudo value -inf)')
 
 
 def test_figures(tmp_path):

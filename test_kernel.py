@@ -103,6 +103,27 @@ def test_grouped_query_attention(poisoned, impl, H, kv_heads, T, D, alibi, extra
     check(impl, q, k, v, do, alibi_slopes(H), alibi_slopes(H) if alibi else None, T + extra)
 
 
+@pytest.mark.parametrize('impl', ['kernel', 'sdpa', 'reference'])
+@pytest.mark.parametrize('T,gamma,offset,alibi,kv_heads', [(100, 'slopes', 0.0, False, None), (64, 'none', 0.0, True, None),
+                                                           (33, 'zero', -2.0, False, None), (257, 'slopes', 0.0, True, 2), (1, 'none', 0.0, False, None)])
+def test_sink_logit_and_offset(poisoned, impl, T, gamma, offset, alibi, kv_heads):
+    """A sink logit per head (a virtual key of value 0 in every row: gpt-oss's learned sinks, 0 for
+    softmax off by one), alone or beside StableMask's pseudo mass, and a constant added to every
+    pseudo score: the output and the gradients of q, k, v and the sink against float64 autograd."""
+    H = 4
+    q, k, v, do = inputs(2, H, T, 32, torch.float32, seed=T, kv_heads=kv_heads)
+    sink = torch.tensor([-1.0, 0.0, 1.5, 3.0])
+    results = []
+    for name, dtype in ((impl, torch.float32), ('reference', torch.float64)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, sink)]
+        extra = lambda t: None if t is None else t.to(dtype)
+        out = IMPLS[name](*leaves[:3], extra(gammas(gamma, H)), extra(alibi_slopes(H) if alibi else None), T, offset=offset, sink=leaves[3])
+        results.append((out, *torch.autograd.grad(out, leaves, do.to(dtype))))
+    for what, x, ref in zip(('out', 'dq', 'dk', 'dv', 'dsink'), *results):
+        assert x.shape == ref.shape and torch.isfinite(x).all(), what
+        assert rel_err(x, ref) <= 1e-5, f"{impl} {what}: relative error {rel_err(x, ref):.2e}"
+
+
 @pytest.mark.parametrize('T', [1, 17, 130])
 @pytest.mark.parametrize('impl', ['kernel', 'sdpa'])
 def test_pseudo_len_shorter_than_T(poisoned, impl, T):
@@ -361,9 +382,9 @@ def compile_for_hopper(fn, dtype, config, **constexprs):
     for name in fn.arg_names:
         if name in constexprs:
             types[name] = 'constexpr'
-        elif name == 'sm_scale':
+        elif name in ('sm_scale', 'offset'):
             types[name] = 'fp32'
-        elif name in ('LSE', 'Gamma', 'Alibi', 'Delta'):
+        elif name in ('LSE', 'Gamma', 'Alibi', 'Delta', 'Sink'):
             types[name] = '*fp32'
         elif name in ('T', 'H', 'pseudo_len', 'T_BUCKET') or name.startswith('stride'):
             types[name] = 'i32'
@@ -380,7 +401,7 @@ for dtype, size, precision, D in (('bf16', 2, 'tf32', 128), ('fp32', 4, 'tf32x3'
     for name, (choices, *tiles) in sk.TILES.items():
         configs = sk._configs(choices)
         pick = configs[0] if dtype == 'bf16' else min(configs, key=lambda c: sk.shared_memory(c, *tiles, D, size))
-        extra = dict(HAS_PSEUDO=True) if name == 'fwd' else {}
+        extra = dict(HAS_PSEUDO=True, HAS_SINK=True) if name == 'fwd' else {}
         compiled = compile_for_hopper(kernels[name], dtype, pick, HEAD_DIM=D, HAS_ALIBI=True, PRECISION=precision, GROUP=4, **extra)
         estimate = sk.shared_memory(pick, *tiles, D, size)
         assert abs(compiled.metadata.shared - estimate) <= 2048, (name, dtype, D, compiled.metadata.shared, estimate)

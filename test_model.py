@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from model import GPT, PRESETS, GPTConfig, KVCache, alibi_slopes, sample_next, stablemask_reference, stablemask_sdpa, swiglu_hidden
+from model import (GPT, PRESETS, GPTConfig, KVCache, alibi_slopes, model_from_checkpoint, sample_next, stablemask_reference,
+                   stablemask_sdpa, swiglu_hidden)
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 
@@ -25,13 +26,9 @@ def test_swiglu_width():
     assert [swiglu_hidden(d) for d in (512, 768, 1024, 2048)] == [1536, 2048, 2816, 5632]
 
 
-@pytest.mark.parametrize('pos_enc', ['rope', 'alibi', 'learned', 'none'])
-@pytest.mark.parametrize('attn_mask,sm_gamma', [('stablemask', None), ('stablemask', 0.0), ('causal', None)])
-def test_attention_paths_agree_in_the_model(pos_enc, attn_mask, sm_gamma):
-    """The same tiny GPT gives the same logits and gradients with each attention implementation."""
-    torch.manual_seed(0)
-    model = GPT(tiny(pos_enc=pos_enc, attn_mask=attn_mask, sm_gamma=sm_gamma)).to(DEVICE)
-    idx = torch.randint(0, 97, (2, 37), device=DEVICE)
+def every_path_agrees(model, idx):
+    """Logits and parameter gradients of one batch with each attention implementation, checked to
+    agree; returns {impl: (logits, {name: gradient})}."""
     results = {}
     for impl in ('reference', 'sdpa', 'triton'):
         for block in model.transformer.h:
@@ -39,13 +36,21 @@ def test_attention_paths_agree_in_the_model(pos_enc, attn_mask, sm_gamma):
         model.zero_grad()
         logits, loss = model(idx, targets=idx)
         loss.backward()
-        results[impl] = (logits.detach(), [p.grad.clone() for p in model.parameters()])
-    ref_logits, ref_grads = results['reference']
+        results[impl] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
     for impl in ('sdpa', 'triton'):
-        logits, grads = results[impl]
-        torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
-        for g, ref in zip(grads, ref_grads):
-            torch.testing.assert_close(g, ref, rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(results[impl][0], results['reference'][0], rtol=1e-4, atol=1e-5)
+        for name, g in results[impl][1].items():
+            torch.testing.assert_close(g, results['reference'][1][name], rtol=1e-3, atol=1e-6)
+    return results
+
+
+@pytest.mark.parametrize('pos_enc', ['rope', 'alibi', 'learned', 'none'])
+@pytest.mark.parametrize('attn_mask,sm_gamma', [('stablemask', None), ('stablemask', 0.0), ('causal', None)])
+def test_attention_paths_agree_in_the_model(pos_enc, attn_mask, sm_gamma):
+    """The same tiny GPT gives the same logits and gradients with each attention implementation."""
+    torch.manual_seed(0)
+    model = GPT(tiny(pos_enc=pos_enc, attn_mask=attn_mask, sm_gamma=sm_gamma)).to(DEVICE)
+    every_path_agrees(model, torch.randint(0, 97, (2, 37), device=DEVICE))
 
 
 def test_stablemask_changes_the_model_and_adds_no_parameters():
@@ -200,18 +205,7 @@ def test_grouped_query_attention_in_the_model(pos_enc, attn_mask):
     model = GPT(tiny(n_head=4, n_kv_head=2, pos_enc=pos_enc, attn_mask=attn_mask)).to(DEVICE)
     assert model.transformer.h[0].attn.c_attn.weight.shape == ((4 + 2 * 2) * 16, 64)
     idx = torch.randint(0, 97, (2, 37), device=DEVICE)
-    results = {}
-    for impl in ('reference', 'sdpa', 'triton'):
-        for block in model.transformer.h:
-            block.attn.impl = impl
-        model.zero_grad()
-        logits, loss = model(idx, targets=idx)
-        loss.backward()
-        results[impl] = (logits.detach(), [p.grad.clone() for p in model.parameters()])
-    for impl in ('sdpa', 'triton'):
-        torch.testing.assert_close(results[impl][0], results['reference'][0], rtol=1e-4, atol=1e-5)
-        for g, ref in zip(results[impl][1], results['reference'][1]):
-            torch.testing.assert_close(g, ref, rtol=1e-3, atol=1e-6)
+    every_path_agrees(model, idx)
     model.eval()
     cache = KVCache(model.config.n_layer, 37)
     with torch.no_grad():
@@ -225,3 +219,40 @@ def test_grouped_query_attention_in_the_model(pos_enc, attn_mask):
 def test_config_refuses_kv_heads_that_do_not_divide():
     with pytest.raises(ValueError, match='not a multiple of n_kv_head'):
         tiny(n_head=4, n_kv_head=3)
+
+
+SINK_VARIANTS = [dict(sink_token='learned'), dict(sink_token='fixed', attn_mask='causal'), dict(sink_logit='learned'),
+                 dict(sink_logit='zero', attn_mask='causal'), dict(sink_logit='learned', sink_token='learned'),
+                 dict(sm_gamma=0.0, sm_offset=-2.0)]
+
+
+@pytest.mark.parametrize('pos_enc', ['rope', 'learned'])
+@pytest.mark.parametrize('variant', SINK_VARIANTS)
+def test_sinks_in_the_model(pos_enc, variant):
+    """The paper's Table 3 settings and today's sinks: every attention path agrees, the learned ones
+    get gradients, a checkpoint of them loads back to the same logits."""
+    torch.manual_seed(0)
+    model = GPT(tiny(pos_enc=pos_enc, **{'attn_mask': 'stablemask', **variant})).to(DEVICE)
+    idx = torch.randint(0, 97, (2, 37), device=DEVICE)
+    results = every_path_agrees(model, idx)
+    assert results['triton'][0].shape == (2, 37, 97)  # the sink token's position is not among the outputs
+    grads = results['reference'][1]
+    learned = [n for n in grads if n.endswith('attn.sink') or n == 'sink_token']
+    assert len(learned) == (variant.get('sink_logit') == 'learned') * 2 + (variant.get('sink_token') == 'learned')
+    assert all(grads[n].abs().sum() > 0 for n in learned)
+    reloaded = model_from_checkpoint(dict(model=model.state_dict(), model_args=vars(model.config))).to(DEVICE)
+    torch.testing.assert_close(reloaded(idx, targets=idx)[0], results['triton'][0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('pos_enc', ['rope', 'alibi', 'learned'])
+def test_generation_keeps_the_sink_token_first(pos_enc):
+    """Cached and uncached generation agree; past block_size a sink-token model attends to its sink
+    and the last block_size tokens (StreamingLLM's layout), computed anew at each step."""
+    torch.manual_seed(0)
+    model = GPT(tiny(pos_enc=pos_enc, block_size=16, sink_token='learned', attn_impl='sdpa')).eval()
+    idx = torch.randint(0, 97, (2, 5))
+    cached = model.generate(idx, 40, temperature=0)
+    assert torch.equal(cached, model.generate(idx, 40, temperature=0, use_cache=False))
+    with torch.no_grad():  # the last step, by hand: the sink (prepended by forward) and the last 16 tokens
+        last = model(cached[:, -17:-1], pseudo_len=16)[0][:, -1].argmax(-1)
+    assert torch.equal(last, cached[:, -1])

@@ -58,6 +58,9 @@ dropout = 0.0
 bias = False
 attn_mask = 'stablemask'  # 'stablemask' or 'causal'
 sm_gamma = None  # None: per-head ALiBi slopes (the paper's); a float: one decay for every head
+sm_offset = 0.0  # added to every pseudo score (with sm_gamma=0.0: the paper's 'constant' pseudo value)
+sink_logit = 'none'  # 'learned': a logit per head of a virtual key of value 0 (gpt-oss); 'zero': softmax off by one
+sink_token = 'none'  # 'learned' or 'fixed': an embedding prepended to every sequence (the paper's sink token baselines)
 pos_enc = 'rope'  # 'rope', 'alibi', 'learned', 'none'
 attn_impl = 'auto'  # 'auto', 'triton', 'sdpa', 'reference'
 # AdamW
@@ -89,8 +92,10 @@ RULES = dict(  # what each setting allows; configurator.check_rules applies them
     lr_decay_iters='>=0', min_lr='>=0', ddp_timeout='>0', peak_flops='>=0', **CONFIG_CHOICES,
     lr_schedule=('cosine', 'linear', 'constant'), backend=('auto', 'nccl', 'gloo'),
     dtype=('auto', 'float32', 'bfloat16', 'float16'))
-ARCHITECTURE = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'bias', 'pos_enc')  # a checkpoint's own; never changed by resuming or fine-tuning
-ADJUSTABLE = ('block_size', 'dropout', 'attn_mask', 'sm_gamma')  # a fine-tune keeps the checkpoint's unless given
+ARCHITECTURE = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'bias', 'pos_enc', 'sink_logit', 'sink_token')  # a checkpoint's own; never changed by resuming or fine-tuning
+ATTENTION = ('attn_mask', 'sm_gamma', 'sm_offset')  # the same model with another mask: a fine-tune, not a resumed run
+ADJUSTABLE = ('block_size', 'dropout') + ATTENTION  # a fine-tune keeps the checkpoint's unless given
+MODEL_DEFAULTS = vars(GPTConfig())  # for checkpoints older than a setting
 rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))  # set by torchrun
 ddp, master = 'RANK' in os.environ, rank == 0
 
@@ -127,10 +132,11 @@ def resumed_config(checkpoint):
 
 def check_against_checkpoint(model_args, source):
     """The architecture comes from the checkpoint: a different one given here is refused, not ignored."""
-    for key in ARCHITECTURE + (('attn_mask', 'sm_gamma') if init_from == 'resume' else ()):
-        if key in given and given[key] != model_args.get(key):
-            hint = 'fine-tune it into another out_dir instead' if key in ('attn_mask', 'sm_gamma') else 'the architecture is the checkpoint\'s'
-            fail(f"{key}={given[key]!r}, but {source} has {key}={model_args.get(key)!r}: {hint}")
+    for key in ARCHITECTURE + (ATTENTION if init_from == 'resume' else ()):
+        theirs = model_args.get(key, MODEL_DEFAULTS[key])
+        if key in given and given[key] != theirs:
+            hint = 'fine-tune it into another out_dir instead' if key in ATTENTION else 'the architecture is the checkpoint\'s'
+            fail(f"{key}={given[key]!r}, but {source} has {key}={theirs!r}: {hint}")
 
 
 # a run to resume brings its settings, before anything else is decided
@@ -146,7 +152,7 @@ if init_from != 'scratch':
         config = resumed_config(checkpoint)
     else:
         kept = ARCHITECTURE + tuple(k for k in ADJUSTABLE if k not in given)
-        config.update({k: checkpoint['model_args'][k] for k in kept if k in checkpoint['model_args']})
+        config.update({k: checkpoint['model_args'].get(k, MODEL_DEFAULTS[k]) for k in kept})
     globals().update(config)
 
 # the rest of the settings, checked together before any process group, folder or file is made
@@ -240,8 +246,8 @@ torch.backends.cudnn.allow_tf32 = True
 # model
 iter_num, best_val_loss = 0, math.inf
 model_args = dict(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=meta['vocab_size'], dropout=dropout, attn_mask=attn_mask, sm_gamma=sm_gamma,
-                  pos_enc=pos_enc, attn_impl=attn_impl)
+                  vocab_size=meta['vocab_size'], dropout=dropout, attn_mask=attn_mask, sm_gamma=sm_gamma, sm_offset=sm_offset,
+                  sink_logit=sink_logit, sink_token=sink_token, pos_enc=pos_enc, attn_impl=attn_impl)
 try:
     if init_from == 'scratch':
         model = GPT(GPTConfig(**model_args))
