@@ -117,7 +117,10 @@ def configure_script(namespace, argv, nullable=(), rules=None):
     its globals() so far. -h / --help prints them and exits. Bad input ends the script with one line
     (under torchrun, printed by rank 0 alone). Returns (the settings as a dict, the ones argv gave)."""
     if '-h' in argv or '--help' in argv:
-        print(script_help(namespace.get('__file__', sys.argv[0]), namespace.get('__doc__')))
+        try:
+            print(script_help(namespace.get('__file__', sys.argv[0]), namespace.get('__doc__')), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader had enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     settings = {k: v for k, v in namespace.items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
     try:

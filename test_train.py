@@ -154,6 +154,7 @@ def test_finetune_causal_model_as_stablemask(workdir, tmp_path):
     (['--lr_schedule=step'], 'lr_schedule'),
     (['--attn_mask=sink'], 'attn_mask'),
     (['--device=cuda:99'], "device='cuda:99' is not usable here"),
+    (['--n_head=4', '--n_kv_head=3', '--dataset=nothing'], 'n_head=4 is not a multiple of n_kv_head=3'),  # before the data
     (['--dataset=nothing'], 'no dataset at data/nothing'),
     (['--block_size=100000'], 'too few for block_size'),
     (['bad_config.py'], "unknown config key 'learning_rat' (in bad_config.py)"),
@@ -224,6 +225,9 @@ def test_help_lists_every_setting(tmp_path, script):
     for flag in ('--help', '-h'):
         result = run_script(script, flag, cwd=tmp_path)
         assert result.returncode == 0 and not list(tmp_path.iterdir())
+    head = subprocess.run(f"{sys.executable} {os.path.join(REPO, script)} --help | head -1", shell=True, cwd=tmp_path,
+                          capture_output=True, text=True)  # a reader that stops early is no error
+    assert head.returncode == 0 and 'Traceback' not in head.stderr and head.stdout.strip()
     if script == 'prepare_data.py':  # argparse's own help
         assert '--tokenizer' in result.stdout and '--val_fraction' in result.stdout
         return

@@ -157,6 +157,7 @@ if init_from != 'scratch':
 
 # the rest of the settings, checked together before any process group, folder or file is made
 try:
+    GPTConfig(**{k: v for k, v in config.items() if k in MODEL_DEFAULTS})  # the model's own checks, before any data is read
     device = resolve_device(device)
 except ValueError as e:
     fail(e)
