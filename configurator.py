@@ -12,6 +12,7 @@ the wrong type, or one outside what the script allows (its `rules`) is refused w
 
 import ast
 import io
+import operator
 import os
 import re
 import sys
@@ -51,6 +52,9 @@ def _parse(text):
         return text
 
 
+COMPARISONS = {'>': operator.gt, '>=': operator.ge, '<': operator.lt, '<=': operator.le}
+
+
 def check_rules(config, rules):
     """rules: {key: allowed}, allowed a tuple of choices or bounds such as '>0' or '>=0, <1'.
     None passes every bound (it means 'off' or 'default'). Raises ValueError naming the first key that breaks its rule."""
@@ -62,10 +66,7 @@ def check_rules(config, rules):
             continue
         for bound in allowed.split(','):
             op, limit = re.fullmatch(r'\s*(>=|<=|>|<)\s*(\S+)\s*', bound).groups()
-            limit = float(limit)
-            ok = {'>': lambda: value > limit, '>=': lambda: value >= limit, '<': lambda: value < limit,
-                  '<=': lambda: value <= limit}[op]
-            if value is not None and not ok():
+            if value is not None and not COMPARISONS[op](value, float(limit)):
                 raise ValueError(f"{key}={value!r}: must be {' and '.join(b.strip() for b in allowed.split(','))}")
 
 

@@ -714,8 +714,8 @@ def model_from_checkpoint(checkpoint, **overrides):
     expected = model.state_dict()
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(f"its tensors do not fit its model_args: {'missing ' + ', '.join(missing[:3]) if missing else ''}"
-                         f"{'; ' if missing and unexpected else ''}{'unexpected ' + ', '.join(unexpected[:3]) if unexpected else ''}")
+        problems = [f"{what} {', '.join(names[:3])}" for what, names in (('missing', missing), ('unexpected', unexpected)) if names]
+        raise ValueError(f"its tensors do not fit its model_args: {'; '.join(problems)}")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
             raise ValueError(f"its tensors do not fit its model_args: {name} is {tuple(tensor.shape)}, "

@@ -206,15 +206,7 @@ def hf_tokenizer_meta(folder):
     vocabulary and its end-of-sequence token (config.json's, or tokenizer_config.json's)."""
     from pretrained import tokenizer_meta
     tokenizer = hf_tokenizer(folder)
-    configs = {}
-    for name in ('config.json', 'tokenizer_config.json'):
-        if os.path.isfile(os.path.join(folder, name)):
-            with open(os.path.join(folder, name)) as f:
-                configs[name] = json.load(f)
-    meta = tokenizer_meta(folder, configs.get('config.json', {}))
-    if meta['eot_token'] is None:
-        eos = configs.get('tokenizer_config.json', {}).get('eos_token')
-        meta['eot_token'] = tokenizer.token_to_id(eos['content'] if isinstance(eos, dict) else eos) if eos else None
+    meta = tokenizer_meta(folder)
     if meta['eot_token'] is None:
         raise PrepareError(f"{folder} names no end-of-sequence token (eos_token_id in config.json, eos_token in tokenizer_config.json)")
     return dict(meta, vocab_size=tokenizer.get_vocab_size(with_added_tokens=True))

@@ -114,14 +114,33 @@ def state_dict(weights, args, where):
     return state
 
 
-def tokenizer_meta(folder, config):
-    """The meta of a dataset tokenized with this folder's tokenizer.json (prepare_data.py writes the same)."""
+def tokenizer_meta(folder):
+    """How a dataset tokenized with this folder's tokenizer.json is described (prepare_data.py writes
+    it into meta.json; a checkpoint of the folder carries it): where it is, its hash, and the token
+    that ends a document, config.json's eos_token_id or else tokenizer_config.json's eos_token
+    (None if neither names one). None without a tokenizer.json."""
     path = os.path.join(folder, 'tokenizer.json')
     if not os.path.isfile(path):
         return None
-    eos = config.get('eos_token_id')
+    eos = read_json(folder, 'config.json').get('eos_token_id')
     eos = eos[0] if isinstance(eos, list) else eos
+    name = read_json(folder, 'tokenizer_config.json').get('eos_token')
+    if eos is None and name:
+        try:
+            from tokenizers import Tokenizer
+            eos = Tokenizer.from_file(path).token_to_id(name['content'] if isinstance(name, dict) else name)
+        except ImportError:
+            pass  # a checkpoint loads without it; tokenizing says what to install
     return dict(tokenizer='hf', tokenizer_path=os.path.abspath(folder), tokenizer_sha256=file_sha256(path), eot_token=eos)
+
+
+def read_json(folder, name):
+    """A JSON file of the folder as a dict; {} if the folder has none of that name."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def file_sha256(path):
@@ -131,8 +150,6 @@ def file_sha256(path):
 
 def pretrained_checkpoint(folder):
     """A Hugging Face folder as a checkpoint of ours: {'model', 'model_args', 'meta'}, float32 weights."""
-    with open(os.path.join(folder, 'config.json')) as f:
-        config = json.load(f)
-    args = model_args(config, folder)
+    args = model_args(read_json(folder, 'config.json'), folder)
     weights = {k: v.float() for k, v in read_weights(folder).items()}
-    return dict(model=state_dict(weights, args, folder), model_args=args, meta=tokenizer_meta(folder, config))
+    return dict(model=state_dict(weights, args, folder), model_args=args, meta=tokenizer_meta(folder))

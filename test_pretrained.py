@@ -150,6 +150,23 @@ def test_prepare_with_its_tokenizer(hf_folder, tmp_path):
     assert np.fromfile(folder / 'train.bin', dtype=meta['dtype']).tolist() == expected
 
 
+def test_end_of_sequence_from_tokenizer_config(hf_folder, tmp_path):
+    """Without eos_token_id in config.json, tokenizer_config.json's eos_token names the token that ends
+    a document: the same for the dataset prepare_data.py writes and for the folder's checkpoint."""
+    folder = tmp_path / 'no-eos-id'
+    shutil.copytree(hf_folder, folder)
+    config = json.loads((folder / 'config.json').read_text())
+    eos = config.pop('eos_token_id')
+    (folder / 'config.json').write_text(json.dumps(config))
+    from prepare_data import PrepareError, hf_tokenizer_meta
+    with pytest.raises(PrepareError, match='names no end-of-sequence token'):
+        hf_tokenizer_meta(str(folder))
+    (folder / 'tokenizer_config.json').write_text(json.dumps({'eos_token': {'content': '<|endoftext|>'}}))
+    assert hf_tokenizer_meta(str(folder))['eot_token'] == eos
+    from model import load_checkpoint
+    assert load_checkpoint(str(folder))['meta']['eot_token'] == eos
+
+
 def test_fine_tune_with_stablemask_then_sample(hf_folder, tmp_path):
     run_script('prepare_data.py', f'--tokenizer={hf_folder}', cwd=tmp_path)  # pydoc's text, with the model's tokenizer
     common = ['--block_size=64', '--batch_size=4', '--max_iters=6', '--eval_interval=6', '--eval_iters=2', '--device=cpu']
