@@ -98,34 +98,75 @@ def text_document(stream, name, tally, raw=None):
 
 
 def _jsonl(path, raw, text_key, tally):
-    if path.lower().endswith('.zst'):
+    for number, line in enumerate(_lines(_decompressed(path, raw)), 1):
+        tally.bytes = tally.bytes_done + raw.tell()
+        if not line.strip():
+            continue
         try:
-            import zstandard
-        except ImportError:
-            raise CorpusError(f"{path}: reading .zst needs the zstandard package: pip install zstandard") from None
-        stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-    elif path.lower().endswith('.gz'):
-        stream = gzip.GzipFile(fileobj=raw)
-    else:
-        stream = raw
+            record = json.loads(line)
+        except UnicodeDecodeError:
+            tally.bad(f"{path} line {number}", 'not UTF-8')
+            continue
+        except ValueError:
+            tally.bad(f"{path} line {number}", 'not JSON')
+            continue
+        text = record.get(text_key) if isinstance(record, dict) else None
+        if _is_document(text, f"{path} line {number}", text_key, tally):
+            yield text, True
+
+
+def _decompressed(path, raw, block=1 << 20):
+    """The bytes of a .jsonl, .jsonl.gz or .jsonl.zst file, a block at a time. A compressed file
+    that ends before its end marker (a partial download) is an error, never a shorter corpus."""
+    truncated = CorpusError(f"{path}: truncated: the compressed data ends before its end marker (a partial download?)")
+    if path.lower().endswith('.zst'):
+        yield from _zstd_frames(path, raw, block, truncated)
+        return
+    stream = gzip.GzipFile(fileobj=raw) if path.lower().endswith('.gz') else raw
     try:
-        for number, line in enumerate(io.BufferedReader(stream, 1 << 20), 1):
-            tally.bytes = tally.bytes_done + raw.tell()
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except UnicodeDecodeError:
-                tally.bad(f"{path} line {number}", 'not UTF-8')
-                continue
-            except ValueError:
-                tally.bad(f"{path} line {number}", 'not JSON')
-                continue
-            text = record.get(text_key) if isinstance(record, dict) else None
-            if _is_document(text, f"{path} line {number}", text_key, tally):
-                yield text, True
-    except (OSError, EOFError) as e:  # a truncated or damaged compressed file
+        while data := stream.read(block):
+            yield data
+    except EOFError:  # gzip: "Compressed file ended before the end-of-stream marker was reached"
+        raise truncated from None
+    except OSError as e:  # damaged rather than cut short
         raise CorpusError(f"{path}: cannot decompress ({e})") from None
+
+
+def _zstd_frames(path, raw, block, truncated):
+    """zstandard's stream reader ends quietly where a cut file ends; frame by frame, the end of each
+    frame is seen (the Pile's files hold several)."""
+    try:
+        import zstandard
+    except ImportError:
+        raise CorpusError(f"{path}: reading .zst needs the zstandard package: pip install zstandard") from None
+    context = zstandard.ZstdDecompressor()
+    frame, inside = context.decompressobj(), False  # inside: the current frame has begun
+    try:
+        while data := raw.read(block):
+            while data:
+                inside = True
+                yield frame.decompress(data)
+                data = b''
+                if frame.eof:  # the rest of the block belongs to the next frame
+                    data, frame, inside = frame.unused_data, context.decompressobj(), False
+    except zstandard.ZstdError as e:
+        raise CorpusError(f"{path}: cannot decompress ({e})") from None
+    if inside:
+        raise truncated
+
+
+def _lines(blocks):
+    """The lines of a stream of byte blocks (without their newlines)."""
+    pending = []
+    for data in blocks:
+        *whole, last = data.split(b'\n')
+        if whole:
+            yield b''.join(pending) + whole[0]
+            yield from whole[1:]
+            pending = []
+        pending.append(last)
+    if any(pending):
+        yield b''.join(pending)
 
 
 def _parquet(path, raw, text_key, tally):

@@ -602,8 +602,10 @@ def resolve_device(device):
         return f"cuda:{local_rank}"
     try:
         torch.empty(0, device=device)
+    except NotImplementedError:  # the dispatcher's page-long account of a backend this build lacks
+        raise ValueError(f"device={device!r} is not usable here: this build of PyTorch has no {torch.device(device).type} backend") from None
     except (RuntimeError, AssertionError) as e:  # a bad name, no CUDA, no such GPU, ...
-        raise ValueError(f"device={device!r} is not usable here: {str(e).strip().splitlines()[0]}") from None
+        raise ValueError(f"device={device!r} is not usable here: {str(e).strip().splitlines()[0][:200]}") from None
     return device
 
 
@@ -653,10 +655,19 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 
 
 def save_checkpoint(checkpoint, path):
-    """torch.save to a temporary name, then rename: an interrupted save leaves the old file whole."""
+    """torch.save to a temporary name, on disk, then renamed: an interrupted or failed save leaves the
+    old file whole and no temporary one. Raises OSError when the disk refuses (full, read-only, a size limit)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(checkpoint, tmp)
+        with open(tmp, 'wb') as f:
+            try:
+                torch.save(checkpoint, f)
+            except RuntimeError as e:  # torch's writer reports a failed write as its own error, the OSError behind it
+                if isinstance(e.__context__, OSError):
+                    raise e.__context__ from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -40,7 +40,10 @@ import io
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -254,8 +257,30 @@ _worker = {}  # each process's encoder, built once
 
 
 def start_worker(meta):
+    watch_parent()
     _worker['encode'], _worker['end'] = section_encoder(meta)
     _worker['dtype'] = np.dtype(meta['dtype'])
+
+
+def watch_parent():
+    """End this worker when its parent ends: after a kill -9 of prepare_data.py a pool's workers
+    would otherwise go on with their chunks. On Linux the kernel sends the signal (PR_SET_PDEATHSIG),
+    even while a tokenizer holds the GIL; elsewhere a thread looks for a new parent."""
+    parent = os.getppid()
+    try:
+        import ctypes
+        if ctypes.CDLL(None).prctl(1, signal.SIGKILL) == 0:  # 1: PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # it ended before the request was in place
+                os._exit(1)
+            return
+    except (OSError, AttributeError):  # not Linux
+        pass
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def encode_chunk(chunk):

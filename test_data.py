@@ -189,6 +189,59 @@ def test_malformed_records_are_counted_then_refused(tmp_path):
     assert not (tmp_path / 'data' / 'strict').exists()
 
 
+@pytest.mark.parametrize('fmt', ['jsonl.zst', 'jsonl.gz'])
+def test_a_truncated_compressed_file_is_an_error(tmp_path, fmt):
+    """A compressed file cut short (a partial download) stops the run, naming the file and
+    'truncated', wherever the cut falls; never half a corpus and a skipped record. The Pile's .zst
+    files hold several frames: a cut at a frame's end is the one place the data itself cannot
+    tell, and the whole file reads back."""
+    import zstandard
+    docs = generated_corpus(2000, seed=3)
+    lines = b''.join(json.dumps({'text': doc}).encode() + b'\n' for doc in docs)
+    half = lines.index(b'\n', len(lines) // 2) + 1
+    if fmt == 'jsonl.zst':  # two frames, as zstd's multi-threaded writer makes
+        whole = zstandard.ZstdCompressor().compress(lines[:half]) + zstandard.ZstdCompressor().compress(lines[half:])
+    else:
+        whole = gzip.compress(lines)
+    path = tmp_path / f'docs.{fmt}'
+    path.write_bytes(whole)
+    dest, meta = prepare('files', [str(path)], 'char', 'whole', out_dir=str(tmp_path / 'data'))
+    assert meta['documents'] == len(docs) and meta['malformed'] == 0
+    for cut in (len(whole) // 2, len(whole) - 5, 200):
+        path.write_bytes(whole[:cut])
+        result = run_script('prepare_data.py', '--input', path, '--tokenizer=char', f'--name=cut{cut}', cwd=tmp_path, expect_ok=False)
+        assert result.returncode == 1 and f'{path}: truncated' in error_line(result)
+        assert not (tmp_path / 'data' / f'cut{cut}').exists()
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc'), reason='finds the workers in /proc (Linux)')
+def test_workers_end_with_their_parent(tmp_path):
+    """A kill -9 of the process that owns the pool ends its workers at once, even one busy with a chunk
+    (here a task that would sleep for a minute)."""
+    script = tmp_path / 'pool.py'
+    script.write_text(f"""import multiprocessing, sys, time
+sys.path.insert(0, {REPO!r})
+import prepare_data
+with multiprocessing.Pool(2, prepare_data.watch_parent) as pool:
+    pending = pool.map_async(time.sleep, [60, 60])
+    print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+    pending.get()
+""")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in proc.stdout.readline().split()]
+    assert len(workers) == 2
+    time.sleep(0.5)  # both asleep in their task
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 5
+    alive = workers
+    while alive and time.time() < deadline:
+        alive = [pid for pid in workers if os.path.exists(f'/proc/{pid}') and
+                 open(f'/proc/{pid}/stat').read().rpartition(')')[2].split()[0] != 'Z']
+        time.sleep(0.05)
+    assert not alive, 'workers outlived their parent'
+
+
 def test_optional_packages_are_named_when_missing(tmp_path, monkeypatch):
     (tmp_path / 'a.jsonl.zst').write_bytes(b'')
     (tmp_path / 'b.parquet').write_bytes(b'')

@@ -179,6 +179,8 @@ def test_train_bad_input(tmp_path, args, message):
     result = run_script('train.py', *args, cwd=tmp_path, expect_ok=False)
     assert result.returncode == 1 and result.stderr.strip().count('\n') == 0, result.stderr
     assert message in result.stderr
+    if 'known keys: ' in result.stderr:  # the settings only, not the process's own values
+        assert not {'rank', 'world_size', 'ddp', 'master'} & set(result.stderr.split('known keys: ')[1].strip().split(', '))
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing left behind
 
 
@@ -446,28 +448,31 @@ def worker_pids(launcher_pid):
 
 
 @pytest.mark.skipif(not os.path.isdir('/proc'), reason='finds the worker processes in /proc (Linux)')
-def test_frozen_peer_ends_the_run_after_ddp_timeout(workdir):
+@pytest.mark.parametrize('fault', ['frozen', 'killed'])
+def test_a_lost_peer_ends_the_run_with_one_line(workdir, fault):
     """SIGSTOP one of two processes: the other gives up after ddp_timeout with one line, instead of
-    torch's default of 30 minutes."""
+    torch's default of 30 minutes. kill -9 it: the other says so at once, in one line of its own."""
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', os.path.join(REPO, 'train.py'),
-               *TINY, '--gradient_accumulation_steps=2', '--max_iters=100000', '--eval_interval=100000', '--log_interval=1', '--ddp_timeout=5', '--out_dir=out-frozen']
+               *TINY, '--gradient_accumulation_steps=2', '--max_iters=100000', '--eval_interval=100000', '--log_interval=1',
+               '--ddp_timeout=5', f'--out_dir=out-peer-{fault}']
     proc = subprocess.Popen(command, cwd=workdir, env={**os.environ, 'OMP_NUM_THREADS': '1'},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     workers = {}
     try:
-        log_path = workdir / 'out-frozen' / 'log.jsonl'
+        log_path = workdir / f'out-peer-{fault}' / 'log.jsonl'
         deadline = time.time() + 120
         while not (log_path.exists() and len(log_path.read_text().splitlines()) >= 5):
-            assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be frozen'
+            assert proc.poll() is None and time.time() < deadline, 'the run ended before the fault'
             time.sleep(0.05)
         workers = worker_pids(proc.pid)
         assert sorted(workers) == [0, 1], workers
-        os.kill(workers[1], signal.SIGSTOP)
-        frozen_at = time.time()
+        os.kill(workers[1], signal.SIGSTOP if fault == 'frozen' else signal.SIGKILL)
+        struck_at = time.time()
         while os.path.exists(f'/proc/{workers[0]}') and open(f'/proc/{workers[0]}/stat').read().rpartition(')')[2].split()[0] != 'Z':
-            assert time.time() - frozen_at < 60, 'rank 0 still waits for the frozen peer'
+            assert time.time() - struck_at < 60, 'rank 0 still waits for its lost peer'
             time.sleep(0.1)
-        assert time.time() - frozen_at >= 4  # it waited ddp_timeout, not less
+        if fault == 'frozen':
+            assert time.time() - struck_at >= 4  # it waited ddp_timeout, not less
     finally:
         for pid in workers.values():
             for sig in (signal.SIGKILL, signal.SIGCONT):
@@ -476,5 +481,188 @@ def test_frozen_peer_ends_the_run_after_ddp_timeout(workdir):
                 except ProcessLookupError:
                     pass
         proc.kill()
-    stderr = proc.communicate()[1]
-    assert stderr.count('train.py: error: rank 0: lost the other processes') == 1, stderr[-3000:]
+    stderr = proc.communicate()[1].replace('\r', '\n')
+    lines = [line for line in stderr.splitlines() if 'train.py: error: rank 0: lost the other processes' in line]
+    assert len(lines) == 1 and lines[0].startswith('train.py: error:'), stderr[-3000:]  # its own line, below the bar
+
+# ---------------------------------------------------------------------------------------------------
+# faults: resume on another number of processes, two runs in one folder, full disks, signals
+
+
+def rows_of(out_dir):
+    """(step, kind, loss) of each log row: a training step's loss, or an evaluation's validation loss."""
+    return [(r['iter'], 'val', r['val_loss']) if 'val_loss' in r else (r['iter'], 'step', r['loss']) for r in read_log(out_dir)]
+
+
+def assert_same_rows(a, b):
+    assert [r[:2] for r in a] == [r[:2] for r in b], (a, b)
+    for x, y in zip(a, b):
+        assert x[2] == pytest.approx(y[2], rel=1e-4), (x, y)
+
+
+def test_resume_on_any_number_of_processes(workdir):
+    """A run started on 2 processes (dropout on), resumed on 1, then on 2 again, each time with a
+    higher max_iters, logs what one uninterrupted 2-process run logs: one row per step, the same
+    losses; and the checkpoint holds the run's settings, not the process's (rank, world size)."""
+    args = [*TINY, '--dropout=0.1', '--gradient_accumulation_steps=2', '--lr_decay_iters=40', '--eval_interval=10']
+    run_script('train.py', *args, '--max_iters=40', '--out_dir=out-whole', cwd=workdir, torchrun=2)
+    run_script('train.py', *args, '--max_iters=20', '--out_dir=out-pieces', cwd=workdir, torchrun=2)
+    config = load_checkpoint(str(workdir / 'out-pieces'))['config']
+    assert not {'rank', 'world_size', 'ddp', 'master'} & config.keys()
+    one = run_script('train.py', '--init_from=resume', '--out_dir=out-pieces', '--max_iters=30', cwd=workdir)
+    assert 'on 1 process(es)' in one.stdout
+    two = run_script('train.py', '--init_from=resume', '--out_dir=out-pieces', '--max_iters=40', cwd=workdir, torchrun=2)
+    assert 'on 2 process(es)' in two.stdout and two.stdout.count('resuming out-pieces at step 30') == 1
+    assert_same_rows(rows_of(workdir / 'out-pieces'), rows_of(workdir / 'out-whole'))
+    # and the same as one process all along: the batches and the dropout are the micro-batch's, not the process's
+    run_script('train.py', *args, '--max_iters=40', '--out_dir=out-alone', cwd=workdir)
+    assert_same_rows(rows_of(workdir / 'out-alone'), rows_of(workdir / 'out-whole'))
+
+
+def start_training(workdir, out_dir, *args):
+    return subprocess.Popen([sys.executable, os.path.join(REPO, 'train.py'), *TINY, f'--out_dir={out_dir}', *args],
+                            cwd=workdir, env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc, condition, what):
+    deadline = time.time() + 120
+    while not condition():
+        assert proc.poll() is None, f'the run ended before {what}: {proc.communicate()[1][-2000:]}'
+        assert time.time() < deadline, f'no {what} after 120 s'
+        time.sleep(0.05)
+
+
+def logged_step(out_dir, step):
+    path = out_dir / 'log.jsonl'
+    return lambda: path.exists() and any(json.loads(line).get('iter', 0) >= step for line in path.read_text().splitlines())
+
+
+def test_one_run_at_a_time_in_a_folder(workdir):
+    """A second run in a folder a run is using is refused, resumed or not; after a kill -9 of the
+    first, the next run takes over its lock and says so."""
+    out = workdir / 'out-busy'
+    first = start_training(workdir, out.name, '--max_iters=100000', '--eval_interval=20')
+    try:
+        wait_for(first, lambda: (out / 'ckpt.pt').exists(), 'the first checkpoint')
+        for args in (['--overwrite=True'], ['--init_from=resume']):
+            result = run_script('train.py', *TINY, f'--out_dir={out.name}', '--max_iters=5', *args, cwd=workdir, expect_ok=False)
+            assert result.returncode == 1, result.stderr
+            assert f'train.py: error: {out.name} is in use by another run (pid {first.pid} on ' in result.stderr
+    finally:
+        first.kill()
+        first.communicate()
+    end = load_checkpoint(str(out))['iter_num'] + 10
+    result = run_script('train.py', '--init_from=resume', f'--out_dir={out.name}', f'--max_iters={end}', cwd=workdir)
+    assert f'{out.name}: taking over from a run that ended without letting go of it (pid {first.pid} on ' in result.stdout
+    assert (out / 'train.lock').read_text() == ''  # let go at the end
+    steps = [r['iter'] for r in read_log(out) if 'loss' in r]
+    assert steps == sorted(set(steps)) and steps[-1] == end
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(workdir):
+    """A log and no checkpoint is no run to protect: the same command starts there afresh and says
+    so; --init_from=resume says why there is nothing to resume."""
+    out = workdir / 'out-early'
+    args = ['--max_iters=100000', '--eval_interval=100000']
+    first = start_training(workdir, out.name, *args)
+    wait_for(first, logged_step(out, 10), 'a few steps')
+    first.kill()
+    first.communicate()
+    assert not (out / 'ckpt.pt').exists() and read_log(out)
+    result = run_script('train.py', *TINY, f'--out_dir={out.name}', '--init_from=resume', cwd=workdir, expect_ok=False)
+    assert result.returncode == 1 and result.stderr.strip().count('\n') == 0, result.stderr
+    assert 'the run there stopped before its first save; the same command without --init_from=resume starts it again' in result.stderr
+    result = run_script('train.py', *TINY, f'--out_dir={out.name}', '--max_iters=10', '--eval_interval=100000', cwd=workdir)
+    assert f'{out.name} has a log.jsonl but no checkpoint (a run stopped before its first save): starting there afresh' in result.stdout
+    assert [r['iter'] for r in read_log(out)] == [0, 5, 10] and load_checkpoint(str(out))['iter_num'] == 10
+
+
+UNWRITABLE = '/sys/kernel' if os.geteuid() == 0 else None  # root writes through file modes; sysfs refuses even root
+
+
+@pytest.mark.parametrize('problem', ['a file', 'unwritable', 'no space', 'no such device'])
+def test_out_dir_and_device_problems_are_one_line_before_the_model(workdir, tmp_path, problem):
+    (tmp_path / 'a-file').write_text('not a folder')
+    folder = tmp_path / 'read-only'
+    folder.mkdir()
+    folder.chmod(0o555)
+    args = {'a file': [f'--out_dir={tmp_path / "a-file"}'], 'unwritable': [f'--out_dir={UNWRITABLE or folder}'],
+            'no space': [f'--out_dir={tmp_path / "roomless"}'], 'no such device': ['--device=mps']}[problem]
+    message = {'a file': 'is a file, not a folder', 'unwritable': f'cannot write to {UNWRITABLE or folder}: ',
+               'no space': 'MiB free, and a checkpoint of this run needs about', 'no such device': "device='mps' is not usable here"}[problem]
+    # a disk with 1 MiB free, as shutil sees it
+    launcher = ("import os, runpy, shutil, sys, types; shutil.disk_usage = lambda path: types.SimpleNamespace(total=2**40, "
+                "used=2**40 - 2**20, free=2**20); sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+                "runpy.run_path(sys.argv[0], run_name='__main__')")
+    command = [sys.executable, '-c', launcher] if problem == 'no space' else [sys.executable]
+    result = subprocess.run([*command, os.path.join(REPO, 'train.py'), *TINY, *args], cwd=workdir, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.strip().count('\n') == 0, result.stderr
+    assert result.stderr.startswith('train.py: error: ') and message in result.stderr and len(result.stderr) < 300
+    assert result.stdout == ''  # before the model is built: no start-up line
+    assert not (tmp_path / 'roomless').exists() and list(folder.iterdir()) == []
+
+
+def test_a_save_the_disk_refuses_keeps_the_last_checkpoint(workdir):
+    """A save that fails for space (here a file-size limit, ulimit -f: the same refusal as a full
+    disk, without one) ends the run in one line; the last checkpoint stays whole, no temporary file."""
+    import resource
+    out = workdir / 'out-full-disk'
+    run_script('train.py', *TINY, '--max_iters=20', '--eval_interval=20', f'--out_dir={out.name}', cwd=workdir)
+    before = (out / 'ckpt.pt').read_bytes()
+    limit = len(before) // 2
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), '--init_from=resume', f'--out_dir={out.name}',
+                             '--max_iters=40'], cwd=workdir, capture_output=True, text=True,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    last = result.stderr.replace('\r', '\n').strip().splitlines()[-1]
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+    assert last.startswith(f'train.py: error: cannot save {out.name}/ckpt.pt at step 40: File too large') and \
+        last.endswith('the checkpoint of step 20 is kept')
+    assert (out / 'ckpt.pt').read_bytes() == before and sorted(p.name for p in out.iterdir()) == ['ckpt.pt', 'log.jsonl', 'train.lock']
+
+
+@pytest.mark.parametrize('processes', [1, 2])
+def test_a_signal_during_an_evaluation_stops_within_seconds(workdir, processes):
+    """SIGTERM while rank 0 evaluates (100,000 batches: minutes): the evaluation is abandoned, the
+    step's checkpoint is saved, and the run (torchrun with it) ends within seconds."""
+    out = workdir / f'out-eval-stop-{processes}'
+    ddp = ['--gradient_accumulation_steps=2'] * (processes == 2)
+    run_script('train.py', *TINY, *ddp, '--max_iters=20', '--eval_interval=20', f'--out_dir={out.name}', cwd=workdir,
+               torchrun=processes if processes > 1 else 0)
+    launcher = [sys.executable] + ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] * (processes == 2)
+    proc = subprocess.Popen([*launcher, os.path.join(REPO, 'train.py'), '--init_from=resume', f'--out_dir={out.name}',
+                             '--max_iters=100', '--eval_iters=100000'], cwd=workdir, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(proc, logged_step(out, 40), 'step 40')  # the step's row comes just before its evaluation
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.time()
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.time() - signalled < 15, 'the evaluation was not abandoned'
+    assert 'stopped by a signal at step 40' in stdout, stderr[-2000:]
+    assert load_checkpoint(str(out))['iter_num'] == 40
+    assert not [r for r in read_log(out) if r['iter'] == 40 and 'val_loss' in r]  # abandoned: no validation row
+    if processes == 1:
+        assert proc.returncode == 0
+
+
+def test_a_second_signal_stops_at_once(workdir):
+    """The first SIGTERM waits for the step to end (about two seconds at this batch size); a second
+    one ends the process there and then (what stays is the last checkpoint, whole)."""
+    out = workdir / 'out-twice'
+    proc = start_training(workdir, out.name, '--max_iters=100000', '--eval_iters=1', '--batch_size=8192')
+    wait_for(proc, logged_step(out, 0), 'the first evaluation')
+    time.sleep(0.3)  # in the first step
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM
+    assert not [p for p in out.iterdir() if 'ckpt' in p.name]
+
+
+def test_eval_only_changes_nothing(workdir, trained):
+    before = {p.name: p.read_bytes() for p in trained.iterdir()}
+    result = run_script('train.py', '--init_from=resume', f'--out_dir={trained.name}', '--eval_only=True', cwd=workdir)
+    assert 'step 80: train loss' in result.stderr + result.stdout
+    assert {p.name: p.read_bytes() for p in trained.iterdir()} == before

@@ -15,9 +15,12 @@ causal model can become a StableMask one). A run never replaces another in out_d
 overwrite=True. Ctrl-C or SIGTERM finishes the current step, saves out_dir/ckpt.pt and exits.
 """
 
+import atexit
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import sys
 import time
@@ -31,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from configurator import check_rules, configure_script
+import run_dir
 from corpus import random_windows
 from model import (CONFIG_CHOICES, GPT, GPTConfig, autocast_for, checkpoint_file, gpu_peak_flops, load_checkpoint,
                    model_from_checkpoint, resolve_device, save_checkpoint)
@@ -96,13 +100,21 @@ ARCHITECTURE = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'bias', 'pos_enc', '
 ATTENTION = ('attn_mask', 'sm_gamma', 'sm_offset')  # the same model with another mask: a fine-tune, not a resumed run
 ADJUSTABLE = ('block_size', 'dropout') + ATTENTION  # a fine-tune keeps the checkpoint's unless given
 MODEL_DEFAULTS = vars(GPTConfig())  # for checkpoints older than a setting
-rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))  # set by torchrun
+WHERE = ('out_dir', 'init_from', 'overwrite', 'eval_only')  # what this command does with a run, not the run: never restored
+
+config, given = configure_script(globals(), sys.argv[1:], rules=RULES)
+# the process's place among torchrun's, set after the settings are read so that they never become a
+# run's setting: a run saved by 2 processes resumes on any number
+rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
 ddp, master = 'RANK' in os.environ, rank == 0
+bar = None  # the progress bar, while training
 
 
 def fail(message):
     """One line on rank 0 (every process of a torchrun meets the same bad input), exit 1."""
     if master:
+        if bar is not None:
+            bar.close()  # the progress bar's line ends before the error's
         print(f"train.py: error: {message}", file=sys.stderr)
     sys.exit(1)
 
@@ -112,17 +124,16 @@ def say(message):
         print(message)
 
 
-config, given = configure_script(globals(), sys.argv[1:], rules=RULES)
-
-
 def resumed_config(checkpoint):
     """The settings the run in out_dir was started with, and over them what this command line gives."""
     if given.get('overwrite'):
         fail("overwrite=True starts a new run: it does not go with init_from=resume")
-    saved = {k: v for k, v in checkpoint.get('config', {}).items() if k in config and k != 'overwrite'}
+    saved = {k: v for k, v in checkpoint.get('config', {}).items() if k in config and k not in WHERE}
     merged = {**config, **saved, **given}
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in given.items() if k in saved and saved[k] != v and k != 'init_from']
     say(f"resuming {out_dir} at step {checkpoint['iter_num']}" + (f"; changed: {', '.join(changed)}" if changed else ''))
+    if merged['max_iters'] <= checkpoint['iter_num'] and not merged['eval_only']:
+        say(f"max_iters={merged['max_iters']} is not past the checkpoint's step: nothing to train (raise it to extend the run)")
     try:
         check_rules(merged, RULES)
     except ValueError as e:
@@ -146,6 +157,8 @@ if init_from != 'scratch':
     try:
         checkpoint = load_checkpoint(source, 'cpu')
     except ValueError as e:
+        if init_from == 'resume' and not os.path.exists(os.path.join(out_dir, 'ckpt.pt')) and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
+            fail(f"{e}: the run there stopped before its first save; the same command without --init_from=resume starts it again")
         fail(e)
     check_against_checkpoint(checkpoint['model_args'], checkpoint_file(source))
     if init_from == 'resume':
@@ -166,11 +179,6 @@ if gradient_accumulation_steps % world_size:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not a multiple of the {world_size} processes: "
          f"pass --gradient_accumulation_steps={world_size * max(1, gradient_accumulation_steps // world_size)} "
          f"(each process then runs {max(1, gradient_accumulation_steps // world_size)} micro-batch(es) of {batch_size} a step)")
-if init_from != 'resume' and not overwrite and any(os.path.exists(os.path.join(out_dir, f)) for f in ('ckpt.pt', 'log.jsonl')):
-    fail(f"{out_dir} holds a run already: continue it with --init_from=resume, choose another --out_dir, "
-         f"or replace it with --overwrite=True")
-if init_from not in ('scratch', 'resume') and os.path.abspath(checkpoint_file(init_from)) == os.path.abspath(os.path.join(out_dir, 'ckpt.pt')):
-    fail(f"init_from={init_from} is the checkpoint this run would write: choose another --out_dir")
 
 # data
 # a folder that holds a meta.json, or a name under data/ (not your raw text folder of the same name)
@@ -215,10 +223,15 @@ if checkpoint is not None:
     check_tokenizer(checkpoint.get('meta'), checkpoint_file(source))
 
 
+def key_seed(*key):
+    """A random seed that depends only on (seed, *key)."""
+    return int(np.random.SeedSequence([seed, *key]).generate_state(1)[0])
+
+
 def batch_generator(*key):
     """Random numbers that depend only on (seed, *key): a micro-batch is fixed by its step and its index
     among all processes, so a resumed run, or the same run on any number of processes, sees the same data."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *key]).generate_state(1)[0]))
+    return torch.Generator().manual_seed(key_seed(*key))
 
 
 def get_batch(split, generator):
@@ -243,18 +256,68 @@ dtype, autocast = autocast_for(device_type, dtype)
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-
-# model
-iter_num, best_val_loss = 0, math.inf
 model_args = dict(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=meta['vocab_size'], dropout=dropout, attn_mask=attn_mask, sm_gamma=sm_gamma, sm_offset=sm_offset,
                   sink_logit=sink_logit, sink_token=sink_token, pos_enc=pos_enc, attn_impl=attn_impl)
+adjusted = {k: model_args[k] for k in ADJUSTABLE + ('attn_impl',)}
+if checkpoint is not None:
+    model_args = {**checkpoint['model_args'], **adjusted}
+
+
+def checkpoint_bytes():
+    """About what ckpt.pt will take: float32 weights and AdamW's two moments, 12 bytes a parameter
+    (counted on the meta device: nothing is allocated)."""
+    try:
+        with torch.device('meta'):
+            return 12 * GPT(GPTConfig(**{k: v for k, v in model_args.items() if k in MODEL_DEFAULTS})).get_num_params()
+    except ValueError:
+        return 0  # model_from_checkpoint below says what does not fit
+
+
+def out_dir_problem():
+    """Why this run cannot be written to out_dir (one line), or None once rank 0 holds it (run_dir.py)."""
+    global out_dir_lock
+    try:
+        out_dir_lock, made, note = run_dir.claim(out_dir, checkpoint_bytes())
+    except ValueError as e:
+        return str(e)
+    problem = None
+    if init_from != 'resume' and not overwrite and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
+        problem = (f"{out_dir} holds a run already: continue it with --init_from=resume, choose another --out_dir, "
+                   f"or replace it with --overwrite=True")
+    elif init_from not in ('scratch', 'resume') and os.path.abspath(checkpoint_file(init_from)) == os.path.abspath(os.path.join(out_dir, 'ckpt.pt')):
+        problem = f"init_from={init_from} is the checkpoint this run would write: choose another --out_dir"
+    if problem:
+        run_dir.release(out_dir_lock, made)
+        return problem
+    atexit.register(lambda: run_dir.release(out_dir_lock, () if started else made))  # a run that never started leaves nothing
+    if note:
+        say(note)
+    if init_from != 'resume' and os.path.exists(os.path.join(out_dir, 'log.jsonl')) and not overwrite:
+        say(f"{out_dir} has a log.jsonl but no checkpoint (a run stopped before its first save): starting there afresh")
+    return None
+
+
+def agree(problem):
+    """Rank 0's verdict, for every process: one line from rank 0 and exit 1 everywhere, or go on."""
+    if ddp:
+        flag = torch.tensor([float(problem is not None)], device=device)
+        dist.broadcast(flag, 0)
+        problem = problem if master else '' if flag.item() else None
+    if problem is not None:
+        fail(problem)
+
+
+out_dir_lock, started = None, False
+if not eval_only:  # an evaluation only reads the run
+    agree(out_dir_problem() if master else None)
+
+# model
+iter_num, best_val_loss = 0, math.inf
 try:
     if init_from == 'scratch':
         model = GPT(GPTConfig(**model_args))
     else:
-        adjusted = {k: model_args[k] for k in ADJUSTABLE + ('attn_impl',)}
-        model_args = {**checkpoint['model_args'], **adjusted}
         model = model_from_checkpoint(checkpoint, **adjusted)
         if model.config.vocab_size < meta['vocab_size']:
             fail(f"{data_dir} has a vocabulary of {meta['vocab_size']}, the model's is {model.config.vocab_size}")
@@ -274,10 +337,7 @@ scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
-    torch.set_rng_state(checkpoint['rng']['torch'])
-    if device_type == 'cuda' and checkpoint['rng'].get('cuda') is not None:
-        torch.cuda.set_rng_state(checkpoint['rng']['cuda'])
-resumed_at = iter_num if checkpoint is not None else None
+resumed_at = saved_at = iter_num if checkpoint is not None else None
 checkpoint = None  # free the memory
 if compile:
     model = torch.compile(model)
@@ -286,25 +346,39 @@ if ddp:
 
 
 def save():
+    """out_dir/ckpt.pt, atomically; a disk that refuses it ends the run in one line, the last checkpoint whole."""
+    global saved_at
     checkpoint = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                      model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config, meta=meta,
-                      rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device_type == 'cuda' else None))
-    save_checkpoint(checkpoint, os.path.join(out_dir, 'ckpt.pt'))
+                      model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config, meta=meta)
+    path = os.path.join(out_dir, 'ckpt.pt')
+    try:
+        save_checkpoint(checkpoint, path)
+    except OSError as e:
+        free = shutil.disk_usage(out_dir).free / 2**20
+        kept = f"the checkpoint of step {saved_at} is kept" if saved_at is not None else "no checkpoint was saved"
+        fail(f"cannot save {path} at step {iter_num}: {e.strerror or e} ({free:,.0f} MiB free there, a checkpoint takes "
+             f"about {checkpoint_bytes() / 2**20:,.0f} MiB); {kept}")
+    saved_at = iter_num
 
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over eval_iters fixed batches of each split (the same batches at every evaluation)."""
+    """Mean loss over eval_iters fixed batches of each split (the same batches at every evaluation),
+    or None when a stop is asked for meanwhile: the evaluation is abandoned, not waited for."""
     raw_model.eval()
     losses = {}
-    for s, split in enumerate(('train', 'val')):
-        total = 0.0
-        for k in range(eval_iters):
-            x, y = get_batch(split, batch_generator(1 + s, k))
-            with autocast:
-                total += raw_model(x, y)[1].item()
-        losses[split] = total / eval_iters
-    raw_model.train()
+    try:
+        for s, split in enumerate(('train', 'val')):
+            total = 0.0
+            for k in range(eval_iters):
+                if stop_signal is not None:
+                    return None
+                x, y = get_batch(split, batch_generator(1 + s, k))
+                with autocast:
+                    total += raw_model(x, y)[1].item()
+            losses[split] = total / eval_iters
+    finally:
+        raw_model.train()
     return losses
 
 
@@ -325,34 +399,15 @@ def log(record):
 
 
 def prepare_out_dir():
-    """Make out_dir ready for this run: no temporary checkpoint left by a killed save (they are GBs
-    at 1.4B), a fresh log for a new run, and for a resumed one no rows past its checkpoint's step."""
-    os.makedirs(out_dir, exist_ok=True)
-    for name in os.listdir(out_dir):
-        pid = name.removeprefix('ckpt.pt.tmp')
-        if pid != name and pid.isdigit() and not process_alive(int(pid)):
+    """Make out_dir ready for this run: no temporary checkpoint left by a killed save, a fresh log
+    for a new run, and for a resumed one no rows past its checkpoint's step."""
+    run_dir.remove_stale_temporaries(out_dir)
+    if init_from == 'resume':
+        run_dir.trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
+        return
+    for name in ('ckpt.pt', 'log.jsonl'):  # a log without a checkpoint, or overwrite=True (checked above)
+        if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
-    log_path = os.path.join(out_dir, 'log.jsonl')
-    if init_from != 'resume':
-        for name in ('ckpt.pt', 'log.jsonl'):  # only with overwrite=True (checked above)
-            if os.path.exists(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
-    elif os.path.exists(log_path):  # rows a stopped run wrote after its last checkpoint are redone
-        with open(log_path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line).get('iter', 0) <= iter_num]
-        with open(log_path + '.tmp', 'w') as f:
-            f.writelines(rows)
-        os.replace(log_path + '.tmp', log_path)
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 stop_signal = None
@@ -368,21 +423,31 @@ signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 
 
+def stop_requested():
+    """Whether any process was asked to stop; under torchrun all decide together, at the same step."""
+    flag = torch.tensor(float(stop_signal is not None), device=device)
+    if ddp:
+        dist.all_reduce(flag)
+    return flag.item() > 0
+
+
 def train():
-    global iter_num, best_val_loss
+    global iter_num, best_val_loss, bar
     peak = peak_flops or (gpu_peak_flops(device) if dtype != 'float32' else None)  # float32 runs at a lower peak
     bar = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, unit='step')
-    t_last, iter_last, saved_at = time.time(), iter_num, resumed_at
-    stopping = False  # with DDP, decided by all processes together at a log step, so that they stop at the same step
+    t_last, iter_last = time.time(), iter_num
+    stopping = False  # with DDP, decided by all processes together at an evaluation or a log step
     while True:
-        if master and not stopping and (eval_only or iter_num % eval_interval == 0 and iter_num != resumed_at):
-            losses = estimate_loss()
-            best_val_loss = min(best_val_loss, losses['val'])
-            bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val']))
-            if iter_num > 0 and not eval_only:
-                save()
-                saved_at = iter_num
+        if not stopping and (eval_only or iter_num % eval_interval == 0 and iter_num != resumed_at):
+            losses = estimate_loss() if master else None  # the others wait in stop_requested
+            if losses is not None:
+                best_val_loss = min(best_val_loss, losses['val'])
+                bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if not eval_only:
+                    log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val']))
+            if master and iter_num > 0 and not eval_only:
+                save()  # even when a stop abandoned the evaluation
+            stopping = stop_requested()
             t_last = time.time()  # evaluation is not training time
         if eval_only or iter_num >= max_iters or stopping:
             break
@@ -392,7 +457,9 @@ def train():
             group['lr'] = lr
         loss_sum = torch.zeros((), device=device)
         for micro_step in range(gradient_accumulation_steps):
-            x, y = get_batch('train', batch_generator(0, iter_num, rank * gradient_accumulation_steps + micro_step))
+            index = rank * gradient_accumulation_steps + micro_step  # among all processes' micro-batches of the step
+            x, y = get_batch('train', batch_generator(0, iter_num, index))
+            torch.manual_seed(key_seed(3, iter_num, index))  # dropout too is the micro-batch's, on any number of processes
             last = micro_step == gradient_accumulation_steps - 1
             with model.no_sync() if ddp and not last else nullcontext():  # all-reduce gradients once per step
                 with autocast:
@@ -430,12 +497,13 @@ def train():
     if master and stopping:
         print(f"stopped by a signal at step {iter_num}; saved {out_dir}/ckpt.pt (continue with --init_from=resume)")
     if ddp:
-        dist.barrier()  # the others wait for rank 0's last evaluation and save; gloo can abort on a peer's early exit
+        dist.barrier()  # the others wait for rank 0's last save; gloo can abort on a peer's early exit
         dist.destroy_process_group()
 
 
-if master:
+if master and not eval_only:
     prepare_out_dir()
+    started = True
 kv_heads = f" ({cfg.n_kv_head} key/value)" if cfg.n_kv_head not in (None, cfg.n_head) else ''
 say(f"{raw_model.get_num_params() / 1e6:.2f}M parameters: {cfg.n_layer} layers, {cfg.n_head} heads{kv_heads}, d {cfg.n_embd}, "
     f"{cfg.attn_mask} attention, {cfg.pos_enc} positions, block_size {cfg.block_size}; "
@@ -446,6 +514,9 @@ except RuntimeError as e:  # gloo reports a peer that froze (ddp_timeout) or die
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if not ddp or not (isinstance(e, dist.DistError) or any(w in reason for w in ('gloo', 'Timed out', 'Connection'))):
         raise
-    print(f"train.py: error: rank {rank}: lost the other processes ({reason[-160:]}); the last checkpoint is "
-          f"{out_dir}/ckpt.pt", file=sys.stderr)  # every survivor says so: rank 0 may be the one lost
-    os._exit(1)  # the process group cannot be shut down cleanly without the lost peer
+    reason = re.sub(r'^\[[^\]]*\]\s*', '', reason).split('. ')[0]  # gloo's source line off, its first sentence kept
+    if bar is not None:
+        bar.close()
+    print(f"train.py: error: rank {rank}: lost the other processes ({reason[:200]}); the last checkpoint is "
+          f"{out_dir}/ckpt.pt", file=sys.stderr, flush=True)  # every survivor says so: rank 0 may be the one lost
+    os._exit(1)  # the process group cannot be shut down cleanly without the lost peer (and os._exit flushes nothing)
