@@ -14,8 +14,10 @@ On a CPU: the 'sdpa' path against the reference and causal SDPA at small sizes, 
 With --data_mb: preparing a generated corpus of that many MB of text (jsonl, GPT-2 BPE): MB/s per
 core against tiktoken alone on one thread, and the peak resident memory of all processes together.
 
-Times are medians (triton.testing.do_bench on a GPU). TFLOP/s counts 4*B*H*T^2*D/2 for a causal
-forward and 2.5x that for the backward; "x SDPA" is SDPA-causal's time over the row's (above 1 is faster).
+The implementations are timed side by side: every repetition runs each in turn (bench.side_by_side),
+so a machine that grows busier slows them alike; the tables give medians, the fastest fwd+bwd, and
+ratios of medians. TFLOP/s counts 4*B*H*T^2*D/2 for a causal forward and 2.5x that for the backward;
+"x SDPA" is SDPA-causal's median time over the row's (above 1 is faster).
 B*T is fixed, so memory linear in T shows as a peak-memory column that stays flat as T grows.
 """
 
@@ -50,19 +52,30 @@ cuda = torch.cuda.is_available()
 device = 'cuda' if cuda else 'cpu'
 
 
-def time_ms(fn):
-    """Median milliseconds of fn()."""
-    if cuda:
-        import triton.testing
-        warmup, rep = (10, 30) if quick else (25, 100)
-        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode='median')
-    fn(), fn()
-    times = []
-    for _ in range(5 if quick else 10):
+def side_by_side(fns, reps=None):
+    """{name: sorted milliseconds of each repetition} for each fn(): every repetition times each fn
+    in turn, starting from a different one each time, so that a machine growing busier or a GPU
+    warming up slows them alike. A repetition runs a fn enough times to last a few milliseconds."""
+    reps = reps or (10 if quick else 30 if cuda else 7)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    calls = {}
+    for name, fn in fns.items():  # first calls compile and autotune; then how many calls last 5 ms
+        fn(), fn()
+        sync()
         t0 = time.perf_counter()
         fn()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+        sync()
+        calls[name] = max(1, int(5e-3 / max(time.perf_counter() - t0, 1e-6)))
+    names, times = list(fns), {name: [] for name in fns}
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(calls[name]):
+                fns[name]()
+            sync()
+            times[name].append(1e3 * (time.perf_counter() - t0) / calls[name])
+    return {name: sorted(t) for name, t in times.items()}
 
 
 def flex_stablemask(gamma):
@@ -136,64 +149,84 @@ def implementations(gamma):
             'reference StableMask': lambda q, k, v: stablemask_reference(q, k, v, gamma)}
 
 
-def measure_attention(attend, B, H, T, D, dtype):
-    """(fwd ms, bwd ms, fwd+bwd ms, peak MiB of fwd+bwd beyond the inputs), or a string saying why not."""
-    q, k, v, do = (torch.randn(B, H, T, D, device=device, dtype=dtype) for _ in range(4))
-    try:
+def timed_calls(attend, q, k, v, do):
+    """attend's forward, backward and both as calls to time (the first forward compiles and tunes)."""
+    with torch.no_grad():
+        attend(q, k, v)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    torch.autograd.grad(attend(*leaves), leaves, do)
+    graph = [attend(*leaves)]  # kept for timing the backward alone
+
+    def forward():
         with torch.no_grad():
-            attend(q, k, v)  # compiling and autotuning happen here, not in the timings
-            fwd = time_ms(lambda: attend(q, k, v))
-        for t in (q, k, v):
-            t.requires_grad_()
-        torch.autograd.grad(attend(q, k, v), (q, k, v), do)
-        out = attend(q, k, v)
-        bwd = time_ms(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
-        out = None  # frees the graph kept for the backward timing
-        both = time_ms(lambda: torch.autograd.grad(attend(q, k, v), (q, k, v), do))
-        memory = None
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            torch.autograd.grad(attend(q, k, v), (q, k, v), do)
-            memory = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-        return fwd, bwd, both, memory
-    except torch.cuda.OutOfMemoryError:
+            attend(q, k, v)
+    return dict(fwd=forward, bwd=lambda: torch.autograd.grad(graph[0], leaves, do, retain_graph=True),
+                both=lambda: torch.autograd.grad(attend(*leaves), leaves, do))
+
+
+def failure(e):
+    """A row's reason for having no numbers: out of memory, or a backend this GPU or torch lacks."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
         return 'out of memory'
-    except Exception as e:  # a backend this GPU or this torch lacks (cuDNN attention, say)
-        message = str(e).strip().splitlines()[0][:160].replace('|', '/') if str(e).strip() else ''
-        return f"failed: {type(e).__name__}: {message}"
-    finally:
-        if cuda:
-            torch.cuda.empty_cache()
+    message = str(e).strip().splitlines()[0][:160].replace('|', '/') if str(e).strip() else ''
+    return f"failed: {type(e).__name__}: {message}"
+
+
+def peak_mib(attend, q, k, v, do):
+    """Peak GPU memory of a forward and backward beyond the inputs, in MiB (None on a CPU)."""
+    if not cuda:
+        return None
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    torch.autograd.grad(attend(*leaves), leaves, do)
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
 def attention_table(D, dtype, lengths):
+    """Every implementation at each length, each kind of call (forward, backward, both) timed side by
+    side: medians, the minimum of fwd+bwd, and ratios of medians against the first, causal SDPA."""
     H = width // D if cuda else 4
     gamma = alibi_slopes(H).to(device)
     impls = implementations(gamma)
-    gave_up = set()
+    gave_up = {}
     batch = f"B*T = {tokens}" if cuda else "batch 2"
     print(f"\n### Attention, head dim {D}, {str(dtype).removeprefix('torch.')}, {H} heads, {batch}\n")
-    print("| T | implementation | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | x SDPA | peak MiB |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| T | implementation | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd min ms | fwd+bwd TFLOP/s | x SDPA | peak MiB |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for T in lengths:
         B = max(1, tokens // T) if cuda else 2
         flops = 3.5 * 4 * B * H * T * T * D / 2
-        baseline = None
+        q, k, v, do = (torch.randn(B, H, T, D, device=device, dtype=dtype) for _ in range(4))
+        calls, memory, failed = {}, {}, {}
         for name, attend in impls.items():
-            if name in gave_up:
+            if name in gave_up:  # out of memory, or unsupported: longer sequences will not do better
                 continue
-            result = measure_attention(attend, B, H, T, D, dtype)
-            if isinstance(result, str):
-                gave_up.add(name)  # out of memory: longer sequences will not fit either
-                print(f"| {T} | {name} | {result} | | | | | |")
-                continue
-            fwd, bwd, both, memory = result
-            baseline = baseline or both
-            mem = f"{memory:,.0f}" if memory is not None else '-'
-            print(f"| {T} | {name} | {fwd:.3f} | {bwd:.3f} | {both:.3f} | {flops / both / 1e9:.3g} | {baseline / both:.2f} | {mem} |")
-            sys.stdout.flush()
+            try:
+                calls[name] = timed_calls(attend, q, k, v, do)
+                memory[name] = peak_mib(attend, q, k, v, do)
+            except Exception as e:
+                failed[name] = gave_up[name] = failure(e)
+                calls.pop(name, None)
+            finally:
+                if cuda:
+                    torch.cuda.empty_cache()
+        medians = {}
+        for kind in ('fwd', 'bwd', 'both'):
+            for name, times in side_by_side({name: c[kind] for name, c in calls.items()}).items():
+                medians.setdefault(name, {})[kind] = (statistics.median(times), times[0])
+        baseline = next(iter(medians.values()))['both'][0] if medians else None
+        for name in impls:
+            if name in failed:
+                print(f"| {T} | {name} | {failed[name]} | | | | | | |")
+            elif name in medians:
+                (fwd, _), (bwd, _), (both, fastest) = medians[name]['fwd'], medians[name]['bwd'], medians[name]['both']
+                mem = f"{memory[name]:,.0f}" if memory[name] is not None else '-'
+                print(f"| {T} | {name} | {fwd:.3f} | {bwd:.3f} | {both:.3f} | {fastest:.3f} | {flops / both / 1e9:.3g} | "
+                      f"{baseline / both:.2f} | {mem} |")
+        sys.stdout.flush()
+        calls = None
 
 
 def model_table(preset, runs):
@@ -204,26 +237,28 @@ def model_table(preset, runs):
     print("| T | batch | attention | tokens/s | MFU | x causal |")
     print("| ---: | ---: | --- | ---: | ---: | ---: |")
     for T, batch in runs:
-        baseline = None
-        variants = [('causal', 'sdpa'), ('stablemask', 'triton' if cuda else 'reference'), ('stablemask', 'sdpa')]
-        for mask, impl in variants:
+        steps = {}
+        for mask, impl in [('causal', 'sdpa'), ('stablemask', 'triton' if cuda else 'reference'), ('stablemask', 'sdpa')]:
             vocab = {} if cuda else dict(vocab_size=256)  # on a CPU a GPT-2 vocabulary's head would drown the attention
             model = GPT(GPTConfig(**PRESETS[preset], **vocab, block_size=T, attn_mask=mask, attn_impl=impl)).to(device)
             optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.98), device)
             x = torch.randint(0, model.config.vocab_size, (batch, T), device=device)
 
-            def step():
+            def step(model=model, optimizer=optimizer, x=x):
                 with autocast:
                     loss = model(x, x)[1]
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            ms = time_ms(step)
-            tokens_per_sec = batch * T / ms * 1e3
+            steps[f"{mask} ({impl})"] = step
+        times = side_by_side(steps, reps=(5 if quick else 10) if cuda else 3)  # the variants' steps alternate
+        baseline = None
+        for name, ms in times.items():
+            tokens_per_sec = batch * T / statistics.median(ms) * 1e3
             baseline = baseline or tokens_per_sec
             mfu = f"{100 * model.estimate_mfu(tokens_per_sec, T, peak):.1f}%" if peak else '-'
-            print(f"| {T} | {batch} | {mask} ({impl}) | {tokens_per_sec:,.0f} | {mfu} | {tokens_per_sec / baseline:.2f} |")
-            sys.stdout.flush()
+            print(f"| {T} | {batch} | {name} | {tokens_per_sec:,.0f} | {mfu} | {tokens_per_sec / baseline:.2f} |")
+        sys.stdout.flush()
 
 
 def peak_memory(command, cwd=None):

@@ -11,6 +11,10 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE = os.path.join(REPO, 'testdata', 'shakespeare_excerpt.txt')  # the first 40 kB of Tiny Shakespeare
 TIKTOKEN_CACHE = os.path.join(REPO, '..', 'shared', 'tiktoken_cache')  # beside the checkout on the project's machines
 
+if os.environ.get('STABLEMASK_DRY_RUN') == '1':  # gpu_check.py --dry_run: count what the GPU run compiles
+    import model
+    model.AUTO_IMPL['cpu'] = 'triton'  # attn_impl='auto' takes the kernel there
+
 if os.path.isdir(TIKTOKEN_CACHE):
     os.environ.setdefault('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)  # GPT-2's BPE without a download
 

@@ -204,6 +204,7 @@ def stablemask_sdpa(q, k, v, gamma, alibi=None, pseudo_len=None, window=None, of
     if Tq not in (T, 1) or q.device.type not in ('cpu', 'cuda'):
         return stablemask_reference(q, k, v, gamma, alibi, pseudo_len, window, offset, sink)
     k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))  # grouped-query attention: autograd sums dK, dV over each group
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the fused kernels read rows as contiguous
     if window is not None and window >= T:
         window = None  # it hides nothing
     bias = None if alibi is None and window is None else attention_bias(alibi, window, Tq, T, q.dtype, q.device)
@@ -225,10 +226,13 @@ def virtual_logits(gamma, rows, pseudo_len, offset, sink, n_head):
     return logits
 
 
+AUTO_IMPL = {'cuda': 'triton', 'cpu': 'sdpa'}  # attn_impl='auto' by device type; others take the reference
+
+
 def attend(q, k, v, gamma, alibi, pseudo_len, impl, window=None, offset=0.0, sink=None):
     """Dispatch to one of three implementations of the same function; see GPTConfig.attn_impl."""
     if impl == 'auto':
-        impl = {'cuda': 'triton', 'cpu': 'sdpa'}.get(q.device.type, 'reference')
+        impl = AUTO_IMPL.get(q.device.type, 'reference')
     if window is not None and window >= k.size(-2):
         window = None  # it hides nothing
     if impl == 'triton' and q.size(-2) == k.size(-2) and window is None:  # decode steps and windows use sdpa
@@ -620,14 +624,17 @@ def autocast_for(device_type, dtype):
 
 
 # dense bf16/fp16 tensor-core peaks in FLOP/s; the first name found in the GPU's name wins
-GPU_PEAK_FLOPS = {'H200': 989e12, 'H100 PCIe': 756e12, 'H100': 989e12, 'A100': 312e12}
+GPU_PEAK_FLOPS = {'H200': 989e12, 'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'A100': 312e12}
 
 
 def gpu_peak_flops(device):
     """The bf16 peak of the GPU `device`, for MFU; None for a CPU or a GPU not in the table."""
-    if torch.device(device).type != 'cuda':
-        return None
-    name = torch.cuda.get_device_name(device)
+    return peak_flops_of(torch.cuda.get_device_name(device)) if torch.device(device).type == 'cuda' else None
+
+
+def peak_flops_of(name):
+    """The bf16 peak of a GPU by the name CUDA gives it: the first key of GPU_PEAK_FLOPS in the name
+    (so an 'H100 NVL' is not taken for an H100 SXM), or None."""
     return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
 
 

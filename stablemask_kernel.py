@@ -14,6 +14,7 @@ custom operators (stablemask::attention_forward / _backward), so torch.compile t
 opaque calls with known output shapes, fullgraph included.
 """
 
+import json
 import math
 import os
 from typing import Optional
@@ -122,7 +123,7 @@ def _attn_fwd(Q, K, V, Out, LSE, Gamma, Alibi, Sink, sm_scale, offset, T, H, pse
               HAS_PSEUDO: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
               HAS_SINK: tl.constexpr):
     bh, start_m = _program(T, BLOCK_M, True)
-    b, h = (bh // H).to(tl.int64), bh % H
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)  # int64: b x stride and h x stride pass 2^31 on long inputs
     rows = start_m + tl.arange(0, BLOCK_M)
     q = _rows(Q + b * stride_qb + h * stride_qh, rows, stride_qt, T, HEAD_DIM)
     k_base = K + b * stride_kb + (h // GROUP) * stride_kh  # grouped-query attention: GROUP query heads per K/V head
@@ -167,7 +168,7 @@ def _bwd_preprocess(O, DO, Delta, T, H, stride_ob, stride_oh, stride_ot,
     """Delta_i = rowsum(dO_i * O_i), with O StableMask's output."""
     bh, start_m = _program(T, BLOCK_M, False)
     rows = start_m + tl.arange(0, BLOCK_M)
-    head = (bh // H).to(tl.int64) * stride_ob + (bh % H) * stride_oh
+    head = (bh // H).to(tl.int64) * stride_ob + (bh % H).to(tl.int64) * stride_oh
     o = _rows(O + head, rows, stride_ot, T, HEAD_DIM).to(tl.float32)
     do = _rows(DO + head, rows, stride_ot, T, HEAD_DIM).to(tl.float32)
     tl.store(Delta + bh.to(tl.int64) * T + rows, tl.sum(o * do, 1), mask=rows < T)
@@ -204,29 +205,28 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Alibi, sm_scale, T, H,
                    stride_dkb, stride_dkh, stride_dkt, T_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr):
-    """dK and dV of one key block of one K/V head: walk the query blocks from the diagonal down, for
-    each of the GROUP query heads it serves (their sum is its gradient; K, V are never repeated)."""
-    bkv, start_n = _program(T, BLOCK_N, False)  # the first key blocks are the heavy ones here: natural order
-    b, kvh = (bkv // (H // GROUP)).to(tl.int64), bkv % (H // GROUP)
+    """dK and dV of one key block from one query head: walk its query blocks from the diagonal down.
+    With grouped-query attention each of the GROUP query heads of a K/V head is a program of its own
+    (the grid stays B x H), writing its share; the caller sums the group's shares."""
+    bh, start_n = _program(T, BLOCK_N, False)  # the first key blocks are the heavy ones here: natural order
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)
-    k = _rows(K + b * stride_kb + kvh * stride_kh, cols, stride_kt, T, HEAD_DIM)
-    v = _rows(V + b * stride_vb + kvh * stride_vh, cols, stride_vt, T, HEAD_DIM)
+    k = _rows(K + b * stride_kb + (h // GROUP) * stride_kh, cols, stride_kt, T, HEAD_DIM)
+    v = _rows(V + b * stride_vb + (h // GROUP) * stride_vh, cols, stride_vt, T, HEAD_DIM)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_ob + h * stride_oh
+    lse_base, delta_base = LSE + bh.to(tl.int64) * T, Delta + bh.to(tl.int64) * T
     qk_scale = sm_scale * LOG2E
+    alibi = tl.load(Alibi + h) * LOG2E if HAS_ALIBI else 0.0
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    for g in range(GROUP):
-        h = kvh * GROUP + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_ob + h * stride_oh
-        alibi = tl.load(Alibi + h) * LOG2E if HAS_ALIBI else 0.0
-        lse_base, delta_base = LSE + (b * H + h) * T, Delta + (b * H + h) * T
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ot,
-                                 cols, start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale, alibi,
-                                 HEAD_DIM, BLOCK_M, HAS_ALIBI, True, PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ot,
-                                 cols, start_n + BLOCK_N, T, T, qk_scale, alibi,
-                                 HEAD_DIM, BLOCK_M, HAS_ALIBI, False, PRECISION)
-    head = b * stride_dkb + kvh * stride_dkh
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ot,
+                             cols, start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale, alibi,
+                             HEAD_DIM, BLOCK_M, HAS_ALIBI, True, PRECISION)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ot,
+                             cols, start_n + BLOCK_N, T, T, qk_scale, alibi,
+                             HEAD_DIM, BLOCK_M, HAS_ALIBI, False, PRECISION)
+    head = b * stride_dkb + h * stride_dkh  # this query head's share (with GROUP 1, the gradient itself)
     _store_rows(DK + head, cols, stride_dkt, T, dk * sm_scale, HEAD_DIM)
     _store_rows(DV + head, cols, stride_dkt, T, dv, HEAD_DIM)
 
@@ -261,7 +261,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Alibi, sm_scale, T, H,
                  HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr):
     """dQ of one query block: walk the key blocks up to the diagonal."""
     bh, start_m = _program(T, BLOCK_M, True)
-    b, h = (bh // H).to(tl.int64), bh % H
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)  # int64: b x stride and h x stride pass 2^31 on long inputs
     rows = start_m + tl.arange(0, BLOCK_M)
     q = _rows(Q + b * stride_qb + h * stride_qh, rows, stride_qt, T, HEAD_DIM)
     do = _rows(DO + b * stride_ob + h * stride_oh, rows, stride_ot, T, HEAD_DIM)
@@ -284,22 +284,35 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Alibi, sm_scale, T, H,
 # launch: fixed small blocks in the interpreter (several blocks even at small T, so the tests reach
 # every code path); autotuned on a GPU, once per (length bucket, head dim, dtype, ...).
 
-
-def _configs(choices):
-    return [triton.Config({'BLOCK_M': m, 'BLOCK_N': n}, num_warps=w, num_stages=s) for m, n, w, s in choices]
-
-
-# (BLOCK_M, BLOCK_N, warps, stages), few enough to tune in seconds. The forward and dQ walk keys in
-# BLOCK_N steps and need BLOCK_M a multiple of BLOCK_N; dK/dV walk queries and need the reverse.
-_FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4)]
-_DKDV_CONFIGS = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 4)]
-_DQ_CONFIGS = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3), (64, 16, 4, 4)]
+# (BLOCK_M, BLOCK_N, warps, stages) per kernel, 16-bit or float32 inputs, and head dim (64: any up to
+# 64), in order of preference (STABLEMASK_AUTOTUNE=first takes the first). Each compiles for sm_90
+# under Triton 3.6 and 3.9 with no register spills, grouped-query attention included, and fits
+# Hopper's shared memory (test_kernel.py compiles every one ahead of time to prove it; at head dim
+# 128, 4-warp tiles of 128 rows spill, and so do dK/dV tiles of 64 rows). The forward and dQ walk
+# keys in BLOCK_N steps and need BLOCK_M a multiple of BLOCK_N; dK/dV walk queries and need the
+# reverse. float32 is a test path: tf32x3 holds every operand twice, so only small tiles fit in
+# registers (16 x 16 at head dim 128, on Ampere-style MMA).
+CONFIGS = {
+    ('fwd', 16, 128): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)],
+    ('fwd', 16, 64): [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
+    ('fwd', 32, 128): [(16, 16, 4, 2)],
+    ('fwd', 32, 64): [(64, 32, 4, 2), (32, 32, 4, 2)],
+    ('dkdv', 16, 128): [(32, 128, 8, 3), (16, 128, 8, 3), (16, 64, 4, 4)],
+    ('dkdv', 16, 64): [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 8, 3), (32, 64, 4, 3)],
+    ('dkdv', 32, 128): [(16, 16, 4, 2)],
+    ('dkdv', 32, 64): [(16, 32, 4, 2)],
+    ('dq', 16, 128): [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+    ('dq', 16, 64): [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+    ('dq', 32, 128): [(16, 16, 4, 2)],
+    ('dq', 32, 64): [(64, 16, 4, 2), (32, 16, 4, 2)],
+}
 _INTERPRETER_BLOCKS = dict(fwd=(32, 16), dkdv=(16, 32), dq=(32, 16))
-# each kernel's configs, the block it streams through shared memory, the one it keeps, and how many tiles it keeps
-TILES = dict(fwd=(_FWD_CONFIGS, 'BLOCK_N', 'BLOCK_M', 1), dkdv=(_DKDV_CONFIGS, 'BLOCK_M', 'BLOCK_N', 2),
-             dq=(_DQ_CONFIGS, 'BLOCK_N', 'BLOCK_M', 2))
+# the block each kernel streams through shared memory, the one it keeps, and how many tiles it keeps
+TILES = dict(fwd=('BLOCK_N', 'BLOCK_M', 1), dkdv=('BLOCK_M', 'BLOCK_N', 2), dq=('BLOCK_N', 'BLOCK_M', 2))
 SHARED_MEMORY = 227 * 1024  # per block on an H100 / H200; the GPU at hand says its own
-FP32_CONFIGS = 2  # float32 tunes only this many configs per kernel: each costs a compile
+AUTOTUNE = os.environ.get("STABLEMASK_AUTOTUNE", "full")  # 'full': time every config; 'first': the first that fits, untimed
+LAUNCH_LOG = os.environ.get("STABLEMASK_LAUNCH_LOG")  # a file that every launch appends its specialisation to (gpu_check.py)
+DRY_RUN = LAUNCH_LOG is not None and os.environ.get("STABLEMASK_DRY_RUN") == "1"  # then nothing runs: launches are only logged
 
 
 def length_bucket(T):
@@ -308,55 +321,94 @@ def length_bucket(T):
     return max(64, triton.next_power_of_2(T))
 
 
+def configs_for(name, dtype, head_dim):
+    """The triton.Configs kernel `name` may run with, for inputs of `dtype` and a (padded) head dim."""
+    return _configs(CONFIGS[name, 32 if dtype == torch.float32 else 16, 128 if head_dim > 64 else 64])
+
+
+def _configs(choices):
+    return [triton.Config({'BLOCK_M': m, 'BLOCK_N': n}, num_warps=w, num_stages=s) for m, n, w, s in choices]
+
+
 def shared_memory(config, streamed, kept, kept_tiles, head_dim, itemsize):
-    """Bytes of shared memory a config's kernel uses, as the compiler lays it out for sm_90
+    """Bytes of shared memory a config's kernel uses, as the compiler lays it out for sm_90's MMA
     (test_kernel.py checks this against it): num_stages buffers of the streamed block's two tiles
     (K and V, or Q and dO), and the kept block's kept_tiles tiles, which float32's tf32x3 holds twice
-    (high and low halves)."""
+    (high and low halves). For float32's small tiles, on Ampere-style MMA, an upper bound."""
     copies = kept_tiles * (2 if itemsize == 4 else 1)
     return (config.num_stages * 2 * config.kwargs[streamed] + copies * config.kwargs[kept]) * head_dim * itemsize
 
 
 def _shared_memory_limit(device):
-    if INTERPRET:
+    """Shared memory per block on `device`: a CUDA device without an index is the current GPU; the
+    interpreter and other devices take an H100's."""
+    if INTERPRET or device.type != 'cuda':
         return SHARED_MEMORY
-    return triton.runtime.driver.active.utils.get_device_properties(device.index)['max_shared_mem']
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return triton.runtime.driver.active.utils.get_device_properties(index)['max_shared_mem']
 
 
-def _tiles_that_fit(streamed, kept, kept_tiles):
-    """An early prune for the autotuner, run before anything compiles (a config too big for the GPU
-    would otherwise be compiled, then fail): the configs that fit in shared memory, smallest first;
-    float32 keeps only the FP32_CONFIGS smallest, as its kernels compile slowest."""
-    def prune(configs, named_args, **kwargs):
-        q = named_args['Q']
-        size = lambda c: shared_memory(c, streamed, kept, kept_tiles, kwargs['HEAD_DIM'], q.element_size())
-        limit = _shared_memory_limit(q.device)
-        fitting = sorted((c for c in configs if size(c) <= limit), key=size) or [min(configs, key=size)]
-        return fitting[:FP32_CONFIGS] if q.dtype == torch.float32 else fitting
-    return prune
+def candidates(name, q, head_dim):
+    """The configs the autotuner times for these inputs, before anything compiles: configs_for's that
+    fit in the GPU's shared memory (on a smaller GPU than Hopper, at least the smallest), or under
+    STABLEMASK_AUTOTUNE=first only the first of them."""
+    size = lambda c: shared_memory(c, *TILES[name], head_dim, q.element_size())
+    configs = configs_for(name, q.dtype, head_dim)
+    limit = _shared_memory_limit(q.device)
+    fitting = [c for c in configs if size(c) <= limit] or [min(configs, key=size)]
+    return fitting[:1] if AUTOTUNE == 'first' else fitting
 
 
-def _autotuned(kernel, choices, streamed, kept, kept_tiles, key=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP'), do_bench=None):
-    return triton.autotune(_configs(choices), key=list(key), do_bench=do_bench,
-                           prune_configs_by={'early_config_prune': _tiles_that_fit(streamed, kept, kept_tiles)})(kernel)
+def _autotuned(kernel, name, key=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP'), do_bench=None):
+    prune = lambda configs, named_args, **kwargs: candidates(name, named_args['Q'], kwargs['HEAD_DIM'])  # it picks from all
+    every = _configs(sorted({c for k, choices in CONFIGS.items() if k[0] == name for c in choices}))
+    return triton.autotune(every, key=list(key), do_bench=do_bench, prune_configs_by={'early_config_prune': prune})(kernel)
 
 
 if INTERPRET:
     _kernels = dict(fwd=_attn_fwd, dkdv=_attn_bwd_dkdv, dq=_attn_bwd_dq)
 else:
-    _kernels = dict(fwd=_autotuned(_attn_fwd, *TILES['fwd'], key=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP', 'HAS_PSEUDO')),
-                    dkdv=_autotuned(_attn_bwd_dkdv, *TILES['dkdv']), dq=_autotuned(_attn_bwd_dq, *TILES['dq']))
+    _kernels = dict(fwd=_autotuned(_attn_fwd, 'fwd', key=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP', 'HAS_PSEUDO', 'HAS_SINK')),
+                    dkdv=_autotuned(_attn_bwd_dkdv, 'dkdv'), dq=_autotuned(_attn_bwd_dq, 'dq'))
 
 
 def _launch(name, grid_blocks, BH, T, *args, **kwargs):
     """Launch kernel `name` on a 1-D grid of B*H*cdiv(T, block) programs; grid_blocks names the
     block size that tiles T."""
     kernel = _kernels[name]
+    if LAUNCH_LOG:
+        log_launch(name, _attn_fwd if name == 'fwd' else _attn_bwd_dkdv if name == 'dkdv' else _attn_bwd_dq, args, kwargs,
+                   [_config_tuple(c) for c in candidates(name, args[0], kwargs['HEAD_DIM'])])
+        if DRY_RUN:
+            return
     if isinstance(kernel, triton.runtime.Autotuner):
         kernel[lambda meta: (BH * triton.cdiv(T, meta[grid_blocks]),)](*args, **kwargs)
     else:
         m, n = _INTERPRETER_BLOCKS[name]
         kernel[(BH * triton.cdiv(T, m if grid_blocks == 'BLOCK_M' else n),)](*args, BLOCK_M=m, BLOCK_N=n, **kwargs)
+
+
+def _config_tuple(config):
+    return config.kwargs['BLOCK_M'], config.kwargs['BLOCK_N'], config.num_warps, config.num_stages
+
+
+def log_launch(name, fn, args, constexprs, configs):
+    """One line of STABLEMASK_LAUNCH_LOG: the kernel, what Triton compiles it for (the constexprs, each
+    tensor's dtype and 16-byte alignment, each integer's being 1 or a multiple of 16), the values the
+    autotuner keys on, and the configs it would time there."""
+    spec = []
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            spec.append(f"{value.dtype}:{value.data_ptr() % 16 == 0}")
+        elif isinstance(value, int):
+            spec.append(f"i:{value == 1}:{value % 16 == 0}")
+        else:
+            spec.append(type(value).__name__)
+    constants = sorted(f"{k}={v}" for k, v in constexprs.items())
+    dtypes = [str(value.dtype) for value in args if isinstance(value, torch.Tensor)]  # Triton's autotuner keys on them too
+    bucket = dict(zip(fn.arg_names, args)).get('T_BUCKET')
+    with open(LAUNCH_LOG, 'a') as f:
+        f.write(json.dumps(dict(kernel=name, spec=spec + constants, tune=[bucket, *constants, *dtypes], configs=configs)) + '\n')
 
 
 def _strides(x):
@@ -402,16 +454,24 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     B, H, T, D = q.shape
     if do.stride() != o.stride():
         do = torch.empty_like(o).copy_(do)
-    dq, (dk, dv) = torch.empty_like(o), _kv_grads(k)
+    group = H // k.size(1)
+    dq, (dk, dv) = torch.empty_like(o), _kv_grads(k) if group == 1 else _kv_grads(q, torch.float32)  # or each query head's share
     delta = torch.empty_like(lse)
     block = 64 if not INTERPRET else 32
-    _bwd_preprocess[(B * H * triton.cdiv(T, block),)](o, do, delta, T, H, *_strides(o), HEAD_DIM=D, BLOCK_M=block)
+    if LAUNCH_LOG:
+        log_launch('preprocess', _bwd_preprocess, (o, do, delta, T, H, *_strides(o)), dict(HEAD_DIM=D, BLOCK_M=block), [[block]])
+    if not DRY_RUN:
+        _bwd_preprocess[(B * H * triton.cdiv(T, block),)](o, do, delta, T, H, *_strides(o), HEAD_DIM=D, BLOCK_M=block)
     common = dict(HEAD_DIM=D, HAS_ALIBI=alibi is not None, PRECISION=_precision(q.dtype), GROUP=H // k.size(1))
     args = (q, k, v, do)
     tail = (lse, delta, lse if alibi is None else alibi, sm_scale, T, H,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(dk), length_bucket(T))
-    _launch('dkdv', 'BLOCK_N', B * k.size(1), T, *args, dk, dv, *tail, **common)
+    _launch('dkdv', 'BLOCK_N', B * H, T, *args, dk, dv, *tail, **common)
     _launch('dq', 'BLOCK_M', B * H, T, *args, dq, *tail, **common)
+    if group > 1:  # a K/V head's gradient is the sum of its query heads' shares
+        shares, (dk, dv) = (dk, dv), _kv_grads(k)
+        for grad, share in zip((dk, dv), shares):
+            grad.copy_(share.view(B, k.size(1), group, T, D).sum(2))
     dsink = torch.zeros(H, device=q.device, dtype=torch.float32)
     if sink is not None:  # the sink key's probability in each row is 2^(sink log2(e) - LSE); its gradient -sum P Delta
         p_sink = torch.exp2(sink.view(1, H, 1) * LOG2E.value - lse.view(B, H, T))
@@ -419,9 +479,10 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     return dq, dk, dv, dsink
 
 
-def _kv_grads(k):
-    B, H_kv, T, D = k.shape
-    return (torch.empty((B, T, H_kv, D), device=k.device, dtype=k.dtype).transpose(1, 2) for _ in range(2))
+def _kv_grads(like, dtype=None):
+    """Two tensors of like's shape, in the (B, T, H, D) memory layout."""
+    B, H, T, D = like.shape
+    return (torch.empty((B, T, H, D), device=like.device, dtype=dtype or like.dtype).transpose(1, 2) for _ in range(2))
 
 
 @_attention_backward.register_fake

@@ -11,35 +11,49 @@ import os
 
 import pytest
 import torch
+import triton
 
 import stablemask_kernel as sk
 from conftest import run_script
 from model import GPT, GPU_PEAK_FLOPS, GPTConfig, KVCache, alibi_slopes, fused_kernel
 from test_kernel import check, inputs
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-CASES = [  # dtype, T, head dim (80: padded to 128), ALiBi, pseudo_len beyond T
-    (torch.bfloat16, 257, 128, True, 0), (torch.float16, 300, 64, False, 40), (torch.float32, 200, 64, True, 0),
-    (torch.bfloat16, 33, 80, False, 7), (torch.bfloat16, 1, 64, False, 0)]
+ON_GPU = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not ON_GPU and not sk.DRY_RUN, reason='needs a CUDA GPU')
+gpu_only = pytest.mark.skipif(not ON_GPU, reason='needs a CUDA GPU (gpu_check.py --dry_run counts only the kernels forced)')
+FORCED = [  # dtype, T, head dim (80: padded to 128), ALiBi, pseudo_len beyond T, K/V heads of the 4 query heads
+    (torch.bfloat16, 257, 128, True, 0, 4), (torch.bfloat16, 300, 64, False, 40, 2), (torch.bfloat16, 33, 80, False, 7, 1),
+    (torch.float16, 200, 128, False, 0, 1), (torch.float16, 1, 64, True, 0, 4),
+    (torch.float32, 200, 64, True, 0, 1), (torch.float32, 77, 128, False, 3, 2)]
+MOST = max(len(choices) for choices in sk.CONFIGS.values())
 
 
-@pytest.mark.parametrize('index', range(len(sk._FWD_CONFIGS)))
-@pytest.mark.parametrize('dtype,T,D,alibi,extra', CASES)
-def test_every_autotune_config_against_float64(poisoned, monkeypatch, index, dtype, T, D, alibi, extra):
-    """Each configuration the autotuner may pick, forced for all three kernels, against float64;
-    float32 configurations too big for shared memory are the ones the autotuner prunes."""
+@pytest.mark.parametrize('index', range(MOST))
+@pytest.mark.parametrize('dtype,T,D,alibi,extra,kv_heads', FORCED, ids=[f"{str(c[0])[6:]}-T{c[1]}-D{c[2]}" for c in FORCED])
+def test_every_autotune_config_against_float64(poisoned, monkeypatch, index, dtype, T, D, alibi, extra, kv_heads):
+    """Each configuration the autotuner may pick, forced for all three kernels (a kernel with fewer
+    configurations runs its last), against float64; grouped-query attention in some cases."""
     width = max(16, 1 << (D - 1).bit_length())
-    limit = sk._shared_memory_limit(torch.device('cuda'))
-    for name, (choices, *tiles) in sk.TILES.items():
-        config = sk._configs(choices)[index]
-        if sk.shared_memory(config, *tiles, width, dtype.itemsize) > limit:
-            pytest.skip(f"{name} config {choices[index]} does not fit {dtype} at head dim {width}: pruned")
-        monkeypatch.setattr(sk._kernels[name], 'configs', [config])
-        monkeypatch.setattr(sk._kernels[name], 'cache', {})
-    q, k, v, do = inputs(2, 4, T, D, dtype, seed=index)
+    lists = {name: sk.configs_for(name, dtype, width) for name in sk.TILES}
+    if index >= max(len(configs) for configs in lists.values()):
+        pytest.skip(f"{dtype} at head dim {width} has fewer configurations")
+    forced = {name: configs[min(index, len(configs) - 1)] for name, configs in lists.items()}
+    monkeypatch.setattr(sk, 'configs_for', lambda name, dtype, head_dim: [forced[name]])
+    for kernel in sk._kernels.values():
+        if isinstance(kernel, triton.runtime.Autotuner):
+            monkeypatch.setattr(kernel, 'cache', {})  # tune anew: the one configuration
+    q, k, v, do = inputs(2, 4, T, D, dtype, seed=index, kv_heads=kv_heads)
     check('kernel', q, k, v, do, alibi_slopes(4), alibi_slopes(4) if alibi else None, T + extra)
 
 
+@gpu_only
+def test_shared_memory_limit_of_the_current_gpu():
+    """torch.device('cuda') has no index: it means the current GPU (Triton's query wants an int)."""
+    current = torch.device('cuda', torch.cuda.current_device())
+    assert sk._shared_memory_limit(torch.device('cuda')) == sk._shared_memory_limit(current) > 0
+
+
+@gpu_only
 @pytest.mark.parametrize('dtype,D,alibi,kind', [
     (torch.bfloat16, 128, False, 'flash'), (torch.float16, 20, False, 'flash'), (torch.bfloat16, 160, False, 'flash'),
     (torch.bfloat16, 64, True, 'efficient'), (torch.float32, 64, False, 'efficient'), (torch.float32, 36, True, 'efficient')])
@@ -49,6 +63,7 @@ def test_sdpa_cuda_branches(poisoned, dtype, D, alibi, kind):
     check('sdpa', q, k, v, do, alibi_slopes(3), alibi_slopes(3) if alibi else None)
 
 
+@gpu_only
 @pytest.mark.parametrize('n_embd,n_head,pos_enc', [(64, 2, 'rope'), (60, 3, 'alibi'), (320, 2, 'rope')])
 @pytest.mark.parametrize('window', [None, 24])
 def test_decode_steps_on_the_gpu(n_embd, n_head, pos_enc, window):
@@ -65,6 +80,7 @@ def test_decode_steps_on_the_gpu(n_embd, n_head, pos_enc, window):
     torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 9:], rtol=1e-3, atol=1e-3)
 
 
+@gpu_only
 def test_generation_tunes_once_per_length_bucket():
     """Uncached generation runs the Triton forward at every length: tuned once per bucket, not per token."""
     torch.manual_seed(0)
@@ -74,6 +90,7 @@ def test_generation_tunes_once_per_length_bucket():
     assert len(sk._kernels['fwd'].cache) - before <= 1
 
 
+@gpu_only
 def test_train_on_the_gpu_eager_and_compiled(tmp_path):
     run_script('prepare_data.py', '--tokenizer=char', cwd=tmp_path)
     args = ['--n_layer=2', '--n_head=2', '--n_embd=128', '--block_size=256', '--batch_size=8', '--max_iters=20',

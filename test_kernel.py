@@ -10,6 +10,7 @@ there in bfloat16 (the interpreter's bf16 tl.dot is wrong).
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -63,6 +64,8 @@ def float64_reference(q, k, v, do, gamma, alibi, pseudo_len):
 
 
 def check(impl, q, k, v, do, gamma, alibi=None, pseudo_len=None):
+    if sk.DRY_RUN and impl == 'kernel':  # gpu_check.py --dry_run: the kernels were only logged
+        return run(impl, q, k, v, do, gamma, alibi, pseudo_len)
     expected = float64_reference(q, k, v, do, gamma, alibi, pseudo_len)
     got = run(impl, q, k, v, do, gamma, alibi, pseudo_len)
     for name, x, ref in zip(('out', 'dq', 'dk', 'dv'), got, expected):
@@ -212,6 +215,34 @@ def test_kernel_strided_inputs(poisoned):
     check('kernel', q, k, v, do, alibi_slopes(H), alibi_slopes(H))
 
 
+LAYOUTS = {  # a view of a leaf of another shape: (B, H, T, D) with the strides under test
+    'transposed': (lambda B, H, T, D: (B, H, D, T), lambda t: t.transpose(-1, -2)),          # the last dim not contiguous
+    'sliced': (lambda B, H, T, D: (B, H, T, 2 * D), lambda t: t[..., ::2]),                  # every other element
+    'expanded': (lambda B, H, T, D: (1, H, T, D), lambda t: t.expand(2, -1, -1, -1)),        # one batch element, stride 0
+}
+
+
+@pytest.mark.parametrize('impl', ['kernel', 'sdpa', 'reference'])
+@pytest.mark.parametrize('layout', sorted(LAYOUTS))
+def test_every_entry_point_takes_any_strides(poisoned, impl, layout):
+    """Transposed, sliced and expanded q, k, v give what contiguous ones do (output, and gradients of
+    the tensors they are views of), against float64."""
+    B, H, T, D = 2, 3, 37, 16
+    shape, view = LAYOUTS[layout]
+    g = torch.Generator().manual_seed(11)
+    leaves = [torch.randn(shape(B, H, T, D), generator=g).to(DEVICE) for _ in range(3)]
+    do = torch.randn(B, H, T, D, generator=g).to(DEVICE)
+    gamma, alibi = alibi_slopes(H).to(DEVICE), alibi_slopes(H).to(DEVICE)
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        bases = [t.to(dtype).requires_grad_() for t in leaves]
+        fn = IMPLS[impl] if dtype == torch.float32 else stablemask_reference
+        out = fn(*(view(t) for t in bases), gamma.to(dtype), alibi.to(dtype))
+        results.append([out, *torch.autograd.grad(out, bases, do.to(dtype))])
+    for name, x, ref in zip(('out', 'dq', 'dk', 'dv'), *results):
+        assert rel_err(x, ref) <= TOLERANCE[torch.float32], f"{impl} {layout} {name}: relative error {rel_err(x, ref):.2e}"
+
+
 def test_kernel_rejects_bad_input():
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
     with pytest.raises(ValueError, match='H a multiple of H_kv'):
@@ -295,7 +326,7 @@ print('ok', errs)
 '''
 
 
-@pytest.mark.skipif(DEVICE == 'cuda', reason='the interpreter reads a sparse allocation; on a GPU 16 GB would be real')
+@pytest.mark.skipif(DEVICE == 'cuda' or sk.DRY_RUN, reason='the interpreter reads a sparse allocation; on a GPU 16 GB would be real')
 def test_offsets_past_int32():
     """Row offsets (row x stride) past 2^31 elements: with int32 arithmetic the kernel reads and writes
     elsewhere (the interpreter segfaults), so the check runs in a process of its own."""
@@ -315,7 +346,8 @@ def test_autotuning_once_per_length_bucket(monkeypatch):
         tunings.append(1)
         return [1.0, 1.0, 1.0]
     small = dict(fwd=[(32, 16, 4, 1), (16, 16, 4, 1)], dkdv=[(16, 32, 4, 1), (16, 16, 4, 1)], dq=[(32, 16, 4, 1), (16, 16, 4, 1)])
-    tuned = {name: sk._autotuned(fn, small[name], *sk.TILES[name][1:], do_bench=stub_bench)
+    monkeypatch.setattr(sk, 'CONFIGS', {**sk.CONFIGS, **{(name, 32, 64): choices for name, choices in small.items()}})
+    tuned = {name: sk._autotuned(fn, name, do_bench=stub_bench)
              for name, fn in (('fwd', sk._attn_fwd), ('dkdv', sk._attn_bwd_dkdv), ('dq', sk._attn_bwd_dq))}
     monkeypatch.setattr(sk, '_kernels', tuned)
     counts = []
@@ -328,18 +360,24 @@ def test_autotuning_once_per_length_bucket(monkeypatch):
     assert [sk.length_bucket(T) for T in (1, 64, 65, 4096, 4097)] == [64, 64, 128, 4096, 8192]
 
 
-def test_float32_prunes_tiles_before_compiling():
-    """float32 keeps the FP32_CONFIGS smallest configs that fit in shared memory (each compile costs
-    seconds); bf16 every config that fits. No config list is ever empty."""
-    for name, (choices, *tiles) in sk.TILES.items():
-        prune = sk._tiles_that_fit(*tiles)
-        configs = sk._configs(choices)
-        for dtype, D in ((torch.float32, 128), (torch.float32, 32), (torch.bfloat16, 128)):
-            kept = prune(configs, dict(Q=torch.empty(0, dtype=dtype)), HEAD_DIM=D)
-            sizes = [sk.shared_memory(c, *tiles, D, dtype.itemsize) for c in kept]
-            assert kept and sizes == sorted(sizes) and max(sizes) <= sk.SHARED_MEMORY
-            assert len(kept) <= (sk.FP32_CONFIGS if dtype == torch.float32 else len(configs))
-        assert len(prune(configs, dict(Q=torch.empty(0, dtype=torch.bfloat16)), HEAD_DIM=64)) == len(configs)
+def test_autotuner_times_what_fits_the_gpu(monkeypatch):
+    """The autotuner times configs_for's configurations in their order, all of which fit Hopper (the
+    limit off a GPU); on a GPU with less shared memory those that fit, or at least the smallest; with
+    STABLEMASK_AUTOTUNE=first only the first of them, untimed."""
+    assert sk._shared_memory_limit(torch.device('cpu')) == sk.SHARED_MEMORY
+    tuples = lambda configs: [sk._config_tuple(c) for c in configs]
+    for name, tiles in sk.TILES.items():
+        for dtype, D in ((torch.float32, 128), (torch.bfloat16, 128), (torch.float16, 64), (torch.bfloat16, 32)):
+            q = torch.empty(0, dtype=dtype)
+            every = sk.configs_for(name, dtype, D)
+            assert tuples(sk.candidates(name, q, D)) == tuples(every) and every
+            size = lambda c: sk.shared_memory(c, *tiles, D, dtype.itemsize)
+            with monkeypatch.context() as m:
+                m.setattr(sk, '_shared_memory_limit', lambda device: 48 * 1024)
+                fitting = tuples(sk.candidates(name, q, D))
+                assert fitting == tuples([c for c in every if size(c) <= 48 * 1024]) or fitting == tuples([min(every, key=size)])
+                m.setattr(sk, 'AUTOTUNE', 'first')
+                assert tuples(sk.candidates(name, q, D)) == fitting[:1]
 
 
 @pytest.mark.parametrize('impl', ['sdpa', 'triton'])
@@ -362,19 +400,22 @@ def test_torch_compile_fullgraph(impl):
 
 
 HOPPER_COMPILE = r'''
-import os
+import os, re, subprocess, sys, tempfile
 os.environ['TRITON_INTERPRET'] = '0'  # compile for a GPU that is not here
+from concurrent.futures import ProcessPoolExecutor
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 import stablemask_kernel as sk
 
 for kernel in sk._kernels.values():  # the autotuners: keys name real arguments, blocks tile the diagonal
     assert set(kernel.keys) <= set(kernel.fn.arg_names) and 'T_BUCKET' in kernel.keys and 'T' not in kernel.keys, kernel.keys
-for m, n, _, _ in sk._FWD_CONFIGS + sk._DQ_CONFIGS:
-    assert m % n == 0
-for m, n, _, _ in sk._DKDV_CONFIGS:
-    assert n % m == 0
+assert {'HAS_PSEUDO', 'HAS_SINK'} <= set(sk._kernels['fwd'].keys)
+for (name, _, _), choices in sk.CONFIGS.items():
+    for m, n, _, _ in choices:
+        assert (n % m if name == 'dkdv' else m % n) == 0, (name, m, n)
+KERNELS = dict(fwd=sk._attn_fwd, dkdv=sk._attn_bwd_dkdv, dq=sk._attn_bwd_dq, preprocess=sk._bwd_preprocess)
 
 def compile_for_hopper(fn, dtype, config, **constexprs):
     constexprs.update(config.kwargs)
@@ -396,28 +437,56 @@ def compile_for_hopper(fn, dtype, config, **constexprs):
                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
-kernels = dict(fwd=sk._attn_fwd, dkdv=sk._attn_bwd_dkdv, dq=sk._attn_bwd_dq)
-for dtype, size, precision, D in (('bf16', 2, 'tf32', 128), ('fp32', 4, 'tf32x3', 128), ('fp32', 4, 'tf32x3', 64)):
-    for name, (choices, *tiles) in sk.TILES.items():
-        configs = sk._configs(choices)
-        pick = configs[0] if dtype == 'bf16' else min(configs, key=lambda c: sk.shared_memory(c, *tiles, D, size))
-        extra = dict(HAS_PSEUDO=True, HAS_SINK=True) if name == 'fwd' else {}
-        compiled = compile_for_hopper(kernels[name], dtype, pick, HEAD_DIM=D, HAS_ALIBI=True, PRECISION=precision, GROUP=4, **extra)
-        estimate = sk.shared_memory(pick, *tiles, D, size)
-        assert abs(compiled.metadata.shared - estimate) <= 2048, (name, dtype, D, compiled.metadata.shared, estimate)
-        assert 'warp_group_dot' in compiled.asm['ttgir'], (name, dtype)  # tensor cores, float32 included (tf32x3)
-        if dtype == 'bf16' and name == 'fwd':  # Hopper's warp-group MMA, fed by pipelined asynchronous copies
-            assert 'async_copy' in compiled.asm['ttgir']
+def spill_stores(compiled):
+    # what ptxas reports of the PTX Triton made: the bytes of registers it had to store to local memory
+    with tempfile.NamedTemporaryFile('w', suffix='.ptx') as f:
+        f.write(compiled.asm['ptx'])
+        f.flush()
+        out = subprocess.run([get_ptxas(90).path, '-arch=sm_90a', '-v', f.name, '-o', os.devnull], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-500:]
+    return sum(int(n) for n in re.findall(r'(\d+) bytes spill stores', out.stdout + out.stderr))
+
+def check(job):
+    name, dtype, D, group, choice = job
+    config = sk._configs([choice])[0]
+    size = 4 if dtype == 'fp32' else 2
+    extra = dict(HAS_PSEUDO=True, HAS_SINK=True) if name == 'fwd' else {}  # the heaviest variant of each kernel
+    compiled = compile_for_hopper(KERNELS[name], dtype, config, HEAD_DIM=D, HAS_ALIBI=True,
+                                  PRECISION='tf32x3' if dtype == 'fp32' else 'tf32', GROUP=group, **extra)
+    estimate = sk.shared_memory(config, *sk.TILES[name], D, size)
+    problems = []
+    used = compiled.metadata.shared  # the estimate is the compiler's layout for Hopper's MMA, an upper bound for float32's
+    if used > sk.SHARED_MEMORY or used > estimate + 2048 or (dtype != 'fp32' and estimate - used > 2048):
+        problems.append(f"shared memory {used}, estimated {estimate}")
+    spilled = spill_stores(compiled)
+    if spilled:
+        problems.append(f"{spilled} bytes of spill stores")
+    if 'nvidia_mma' not in compiled.asm['ttgir']:  # tensor cores, float32 included (tf32x3)
+        problems.append('no tensor-core MMA')
+    if dtype != 'fp32' and 'warp_group_dot' not in compiled.asm['ttgir']:  # Hopper's own, for the 16-bit tiles
+        problems.append('no warp-group MMA')
+    if dtype == 'bf16' and name == 'fwd' and 'async_copy' not in compiled.asm['ttgir']:
+        problems.append('no pipelined asynchronous copies')
+    return f"{name} {dtype} head dim {D} group {group} {choice}: {'; '.join(problems)}" if problems else None
+
+# every configuration the autotuner can keep, for each dtype it serves, at group 1 and (bf16, fp32) 4
+jobs = [(name, dtype, D, group, choice) for (name, bits, D), choices in sk.CONFIGS.items() for choice in choices
+        for dtype in (('bf16', 'fp16') if bits == 16 else ('fp32',)) for group in ((1, 4) if dtype != 'fp16' else (1,))]
+with ProcessPoolExecutor(int(sys.argv[1])) as pool:
+    problems = [p for p in pool.map(check, jobs) if p]
 compile_for_hopper(sk._bwd_preprocess, 'bf16', triton.Config({'BLOCK_M': 64}), HEAD_DIM=128)
-print('compiled')
+assert not problems, chr(10).join(problems)
+print(f'compiled {len(jobs)}')
 '''
 
 
-@pytest.mark.skipif(DEVICE == 'cuda', reason='on a GPU the kernels are compiled and run by the tests above')
+@pytest.mark.skipif(DEVICE == 'cuda' or sk.DRY_RUN, reason='on a GPU the kernels are compiled and run by the tests above')
 def test_kernels_compile_for_hopper():
-    """The interpreter does not compile the kernels, so without a GPU this is the check that they
-    compile to Hopper (sm_90) code on tensor cores (float32 through tf32x3), that the autotuning set-up
-    a GPU uses is sound, and that the shared-memory estimate the autotuner prunes by is the compiler's."""
+    """The interpreter does not compile the kernels, so without a GPU this is the check that every
+    configuration the autotuner can keep compiles for Hopper (sm_90) with no register spills and
+    within its shared memory (the estimate the autotuner prunes by is the compiler's), on tensor
+    cores (float32 through tf32x3), for each dtype, head dims 64 and 128, and grouped-query
+    attention; and that the autotuning set-up a GPU uses is sound."""
     import subprocess
     import sys
     try:
@@ -425,5 +494,6 @@ def test_kernels_compile_for_hopper():
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as e:
         pytest.skip(f"this Triton has no ahead-of-time compile API ({e})")
-    result = subprocess.run([sys.executable, '-c', HOPPER_COMPILE], cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, '-c', HOPPER_COMPILE, str(os.cpu_count() or 1)], cwd=REPO, capture_output=True,
+                            text=True, timeout=900, env={**os.environ, 'TRITON_DEFAULT_FP_FUSION': '1'})
     assert result.returncode == 0 and 'compiled' in result.stdout, result.stderr[-3000:]

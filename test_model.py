@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import (GPT, PRESETS, GPTConfig, KVCache, alibi_slopes, model_from_checkpoint, sample_next, stablemask_reference,
+from model import (GPT, PRESETS, GPTConfig, KVCache, alibi_slopes, model_from_checkpoint, peak_flops_of, sample_next, stablemask_reference,
                    stablemask_sdpa, swiglu_hidden)
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -256,3 +256,10 @@ def test_generation_keeps_the_sink_token_first(pos_enc):
     with torch.no_grad():  # the last step, by hand: the sink (prepended by forward) and the last 16 tokens
         last = model(cached[:, -17:-1], pseudo_len=16)[0][:, -1].argmax(-1)
     assert torch.equal(last, cached[:, -1])
+
+
+@pytest.mark.parametrize('name,flops', [('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H100 NVL', 835e12), ('NVIDIA H100 PCIe', 756e12),
+                                        ('NVIDIA H200', 989e12), ('NVIDIA A100-SXM4-80GB', 312e12), ('NVIDIA L4', None)])
+def test_peak_flops_by_gpu_name(name, flops):
+    """MFU's denominator: each GPU's dense bf16 peak, the H100 variants told apart."""
+    assert peak_flops_of(name) == flops
