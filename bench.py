@@ -44,6 +44,8 @@ model_preset = '160M'  # the whole-model benchmark on a GPU ('tiny' on a CPU)
 flex = True  # FlexAttention among the implementations on a GPU (its compiles take minutes)
 data_mb = 0  # also time prepare_data.py on a generated corpus of this many MB of text (0: not)
 attention = True  # the attention and model tables (False with data_mb: the data table alone)
+memory = False  # also print the memory each GPU needs under DDP and FSDP, by the estimate in memory_per_gpu
+sharding = False  # also time train.py on 2 processes under DDP and under FSDP, alternately (CPUs: gloo)
 seed = 0
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':  # imported (the tests do), it keeps its defaults
@@ -336,8 +338,105 @@ def data_table(mb):
             sys.stdout.flush()
 
 
+def decode_table(compiled=False):
+    """Generation's tokens/s, StableMask against causal, timed side by side: KV-cached, batch 1 and 8,
+    a short generation and one past block_size (the sliding window's cache moves), 6 layers, d 384."""
+    print(f"\n### Decoding, 6 layers, d 384, block_size 256{', torch.compile' if compiled else ''} (tokens/s, all rows of a batch)\n")
+    print("| batch | new tokens | attention | tokens/s | x causal |")
+    print("| ---: | ---: | --- | ---: | ---: |")
+    for batch, new in [(1, 64), (8, 64), (1, 320), (8, 320)][:2 if quick else 4]:
+        runs = {}
+        for mask in ('causal', 'stablemask'):
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=256 if not cuda else 50257,
+                                  attn_mask=mask, attn_impl='sdpa')).to(device).eval()
+            if compiled:
+                model.forward = torch.compile(model.forward, dynamic=True)
+            prompt = torch.randint(0, model.config.vocab_size, (batch, 16), device=device)
+
+            def generate(model=model, prompt=prompt):
+                with torch.no_grad(), (torch.amp.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()):
+                    model.generate(prompt, new, temperature=0)
+            runs[mask] = generate
+        times = side_by_side(runs, reps=3 if quick else 5)
+        for mask, ms in times.items():
+            rate = batch * new / statistics.median(ms) * 1e3
+            print(f"| {batch} | {new} | {mask} | {rate:,.0f} | {rate / (batch * new / statistics.median(times['causal']) * 1e3):.2f} |")
+        sys.stdout.flush()
+
+
+# Llama 3 8B and 70B as GPTConfig fields, beside the paper's 160M and 1.4B, for the memory table
+LLAMA3 = {'8B': dict(n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, n_hidden=14336, vocab_size=128256, tie_embeddings=False),
+          '70B': dict(n_layer=80, n_head=64, n_kv_head=8, n_embd=8192, n_hidden=28672, vocab_size=128256, tie_embeddings=False)}
+
+
+def memory_per_gpu(config, tokens, gpus, fsdp, checkpointing):
+    """GiB per GPU for (weights, gradients, AdamW state, activations), estimated: float32 weights,
+    gradients and two AdamW moments (4 + 4 + 8 bytes a parameter; FSDP keeps 1/gpus of each, plus one
+    block's bf16 weights and gradients gathered, twice for the prefetch), and bf16 activations of one
+    micro-batch of `tokens` (per layer about 12 d + 4 f values a token for attention with fused
+    kernels, SwiGLU and the norms; with checkpointing the block inputs and one block's; the logits
+    in bf16 and float32 for the loss)."""
+    with torch.device('meta'):
+        model = GPT(GPTConfig(**config))
+    n = model.get_num_params()
+    d, f, layers = model.config.n_embd, model.transformer.h[0].mlp.c_fc.out_features, model.config.n_layer
+    block = sum(p.numel() for p in model.transformer.h[0].parameters())
+    gathered = 2 * 2 * 2 * block if fsdp else 0  # bf16 weights and gradients, this block and the next
+    share = gpus if fsdp else 1
+    layer = 2 * tokens * (12 * d + 4 * f)
+    activations = (2 * tokens * d * layers + layer if checkpointing else layer * layers) + 6 * tokens * model.config.vocab_size
+    gib = lambda b: b / 2 ** 30
+    return gib(4 * n / share + gathered / 2), gib(4 * n / share + gathered / 2), gib(8 * n / share), gib(activations), n
+
+
+def memory_table():
+    runs = [('160M', PRESETS['160M'], 16 * 512, 'wikitext103_160m: 16 x 512 a micro-batch'),
+            ('1.4B', PRESETS['1.4B'], 8 * 1024, 'pile_1.4b: 8 x 1024'),
+            ('Llama 3 8B', LLAMA3['8B'], 8192, 'a fine-tune at 1 x 8192, checkpointing'),
+            ('Llama 3 70B', LLAMA3['70B'], 8192, 'a fine-tune at 1 x 8192, checkpointing')]
+    print("\n### Memory per GPU, 8 GPUs (GiB, estimated: bench.memory_per_gpu)\n")
+    print("| model | parameters | micro-batch | engine | weights | gradients | AdamW state | activations | total |")
+    print("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, config, tokens, batch in runs:
+        checkpointing = 'checkpointing' in batch
+        for engine in ('DDP', 'FSDP'):
+            *parts, n = memory_per_gpu(config, tokens, 8, engine == 'FSDP', checkpointing)
+            print(f"| {name} | {n / 1e9:.2f}B | {batch} | {engine} | " + ' | '.join(f"{p:,.1f}" for p in parts) + f" | {sum(parts):,.1f} |")
+
+
+def sharding_table(reps=3):
+    """train.py's tokens/s on 2 processes under DDP and under FSDP, run alternately (gloo on CPUs)."""
+    import tempfile
+    repo = os.path.dirname(os.path.abspath(__file__))
+    size = ['--n_layer=4', '--n_head=4', '--n_embd=256', '--block_size=256', '--batch_size=8', '--gradient_accumulation_steps=2']
+    print("\n### DDP against FSDP, train.py on 2 processes (the tiny model at d 256, 2 x 8 x 256 tokens a step)\n")
+    print("| engine | tokens/s, median of runs | runs | x DDP |")
+    print("| --- | ---: | ---: | ---: |")
+    with tempfile.TemporaryDirectory() as folder:
+        subprocess.run([sys.executable, os.path.join(repo, 'prepare_data.py'), '--tokenizer=char'], cwd=folder, check=True,
+                       capture_output=True)
+        rates = {'DDP': [], 'FSDP': []}
+        for rep in range(reps):
+            for engine in ('DDP', 'FSDP'):
+                out = os.path.join(folder, f"out-{engine}-{rep}")
+                subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                                os.path.join(repo, 'train.py'), *size, '--max_iters=40', '--eval_interval=1000', '--eval_iters=1',
+                                '--log_interval=10', f'--fsdp={engine == "FSDP"}', f'--device={device}', f'--out_dir={out}'],
+                               cwd=folder, check=True, capture_output=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+                with open(os.path.join(out, 'log.jsonl')) as f:
+                    rows = [json.loads(line) for line in f if 'tokens_per_sec' in line]
+                rates[engine].append(statistics.median(r['tokens_per_sec'] for r in rows[1:]))  # the first row holds the warm-up
+        for engine, values in rates.items():
+            print(f"| {engine} | {statistics.median(values):,.0f} | {len(values)} | {statistics.median(values) / statistics.median(rates['DDP']):.2f} |")
+
+
 if __name__ == '__main__':
     torch.manual_seed(seed)
+    if memory:
+        memory_table()
+    if sharding:
+        sharding_table()
     if data_mb:
         data_table(data_mb)
     if attention and cuda:
@@ -347,7 +446,10 @@ if __name__ == '__main__':
         for D, dtype in [(128, torch.bfloat16)] if quick else [(64, torch.bfloat16), (128, torch.bfloat16), (64, torch.float16), (128, torch.float16)]:
             attention_table(D, dtype, lengths)
         model_table(model_preset, [(1024, 8), (4096, 2)] if quick else [(1024, 16), (4096, 4)])
+        decode_table()
+        decode_table(compiled=True)
     elif attention:
         print(f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")
         attention_table(64, torch.float32, [256, 512] if quick else [256, 512, 1024, 2048])
         model_table('tiny', [(256, 4)] if quick else [(256, 8), (1024, 2)])
+        decode_table()

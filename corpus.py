@@ -11,7 +11,9 @@ for their formats.
 Documents are cut into sections: a document of up to WHOLE_CHARS characters is one section; a
 longer one (a book, or Tiny Shakespeare) is cut near every SECTION_CHARS characters, just before a
 white-space character that follows a non-space one. GPT-2's BPE never joins a token across such a
-place, so the sections of a document, tokenized apart, give exactly the document's tokens. Sections
+place, so the sections of a document, tokenized apart, give exactly the document's tokens; another
+tokenizer (a Hugging Face tokenizer.json) has each such place checked (its tokens of the text on
+both sides, apart, are its tokens of the two together), and a place that fails is not cut. Sections
 are what the validation rule holds out (held_out) and what the tokenizer processes share.
 """
 
@@ -28,6 +30,8 @@ WHOLE_CHARS = 8192  # a document up to this long is one section
 SECTION_CHARS = 1024  # a longer one is cut at the first safe place past every this many characters
 READ_CHARS = 1 << 20  # a text file is read this many characters at a time
 CUT = re.compile(r'(?<=\S)(?=\s)')  # between a non-space and a space: no BPE token spans it
+CHECK_CHARS = 256  # a tokenizer without such a proof is asked, at each place, about this much text either side
+CHECK_TRIES = 16  # places asked a section before the stretch is left whole
 
 
 class CorpusError(Exception):
@@ -201,23 +205,38 @@ def _is_document(text, place, text_key, tally):
 def sections(pieces, cut=True):
     """Yield (text, last) sections from (piece, last) pieces of documents: a short document whole, a
     longer one cut near every SECTION_CHARS characters at a place no BPE token spans (module
-    docstring); last marks the end of a document. A stretch without such a place is never cut;
-    cut=False keeps every document whole."""
+    docstring); last marks the end of a document. A stretch without such a place is never cut.
+    cut: True (GPT-2's BPE and characters, for which every such place is proven), False (documents
+    whole), or safe(before, after) -> bool, asked of each place with CHECK_CHARS of text on either
+    side (prepare_data.py's check for other tokenizers); at most CHECK_TRIES places a section."""
     buffer, long = '', False
     for piece, last in pieces:
         buffer += piece
-        long = cut and (long or len(buffer) > WHOLE_CHARS)
+        long = bool(cut) and (long or len(buffer) > WHOLE_CHARS)
         start = 0
         while long and len(buffer) - start > SECTION_CHARS:
-            cut = CUT.search(buffer, start + SECTION_CHARS)
-            if cut is None:
+            place = _cut_place(buffer, start + SECTION_CHARS, cut, last)
+            if place is None:
                 break
-            yield buffer[start:cut.start()], False
-            start = cut.start()
+            yield buffer[start:place], False
+            start = place
         buffer = buffer[start:]
         if last:
             yield buffer, True
             buffer, long = '', False
+
+
+def _cut_place(buffer, after, cut, last):
+    """The first place past `after` where the buffer may be cut, or None (for now: more text may come)."""
+    for tries, match in enumerate(CUT.finditer(buffer, after)):
+        place = match.start()
+        if cut is True:
+            return place
+        if tries == CHECK_TRIES or (place + CHECK_CHARS > len(buffer) and not last):
+            return None  # a stretch that will not cut, or too little text after the place to check it yet
+        if cut(buffer[max(0, place - CHECK_CHARS):place], buffer[place:place + CHECK_CHARS]):
+            return place
+    return None
 
 
 def held_out(index, val_fraction):

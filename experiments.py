@@ -3,7 +3,7 @@ The paper's four claims, measured with this repository's model on small models (
 
     python experiments.py position        # absolute position from relative encodings (paper App. B.2, Thm 4.1)
     python experiments.py sinks           # attention sinks, and where StableMask puts that mass (Sec. 3, Fig. 1)
-    python experiments.py sinks --init_from=SmolLM2-135M/   # the same on a pretrained model, before and after a StableMask fine-tune
+    python experiments.py sinks --init_from=SmolLM2-135M/   # a pretrained model: causal, switched to StableMask, fine-tuned (15 min)
     python experiments.py extrapolation   # 2x and 4x the training length, full and sliding-window (Sec. 5.3)
     python experiments.py lm --shakespeare=input.txt   # causal vs StableMask language modelling, several seeds
 
@@ -35,7 +35,7 @@ device = 'auto'  # 'cpu', 'cuda', ...; auto: a GPU if there is one
 plot = True  # save figures (needs matplotlib)
 shakespeare = ''  # lm: a local Tiny Shakespeare (downloaded when empty)
 tokenizers = 'char,gpt2'  # lm
-init_from = ''  # sinks: a Hugging Face LLaMA-family model's folder, measured before and after a short StableMask fine-tune
+init_from = ''  # sinks: a Hugging Face LLaMA-family model's folder: pretrained, switched to StableMask, then fine-tuned
 # -----------------------------------------------------------------------------
 EXPERIMENTS = ('position', 'sinks', 'extrapolation', 'lm')
 if __name__ == '__main__':  # imported (the tests do), it keeps its defaults
@@ -44,12 +44,14 @@ if __name__ == '__main__':  # imported (the tests do), it keeps its defaults
                      rules=dict(seeds='>=0', steps='>=0'))
 
 
-def train(model, batch, n_steps, lr, warmup=50):
-    """Train in place: batch(step) -> (x, y). Returns the loss of every step."""
+def train(model, batch, n_steps, lr, warmup=50, mask_warmup=0):
+    """Train in place: batch(step) -> (x, y). Returns the loss of every step. mask_warmup: StableMask's
+    pseudo mass grows from none over this many steps (train.py's mask_warmup_iters)."""
     optimizer = model.configure_optimizers(0.1, lr, (0.9, 0.98), device)
     losses = []
     model.train()
     for step in range(n_steps):
+        model.scale_pseudo_mass(min(1.0, step / mask_warmup) if mask_warmup else 1.0)
         ratio = max(0.0, (step - warmup) / max(1, n_steps - warmup))
         for group in optimizer.param_groups:  # warmup, then cosine decay to a tenth
             group['lr'] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * ratio)))
@@ -60,6 +62,7 @@ def train(model, batch, n_steps, lr, warmup=50):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+    model.scale_pseudo_mass(1.0)
     model.eval()
     return losses
 
@@ -139,7 +142,7 @@ def lm_loss(model, data, T, n_batches=8, batch_size=16, pseudo_len=None, window=
 def attention_replaced_by(fn):
     """Run every attention layer of the model through fn(q, k, v, gamma, alibi, pseudo_len, offset, sink)."""
     original = model_module.attend
-    model_module.attend = lambda q, k, v, gamma, alibi, pseudo_len, impl, window=None, offset=0.0, sink=None: \
+    model_module.attend = lambda q, k, v, gamma, alibi, pseudo_len, impl, window=None, offset=0.0, sink=None, shared=None: \
         fn(q, k, v, gamma, alibi, pseudo_len, offset, sink)
     try:
         yield
@@ -226,22 +229,33 @@ def attention_shares(model, x, punctuation=None):
 
 
 def pretrained_sinks():
-    """The paper's Fig. 1 question on a real model: how much attention each layer of a pretrained
-    model puts on the first token (its sink), and where that mass goes after a short fine-tune with
-    StableMask (the pseudo columns), on validation text of pydoc's help pages."""
-    T, n_steps = 128, steps or 200
+    """The paper's Fig. 1 question on a real model, in three states told apart: pretrained (causal),
+    the mask switched to StableMask with no update, and after a StableMask fine-tune whose pseudo mass
+    grows from none over its first half (train.py's mask_warmup_iters): how much attention each
+    layer puts on the first token (its sink) and on the pseudo columns, and each state's validation
+    loss, on pydoc's help pages in the model's own tokenizer."""
+    T, n_steps, batch = 128, steps or 120, 8
     train_ids, val_ids, meta = token_data('pydoc', init_from)
     x, _ = lm_batches(val_ids, 8, T, seed=10 ** 6)(0)
-    before = GPT.from_pretrained(init_from, block_size=T).to(device)
-    stats = {'before': attention_shares(before, x)}
-    after = GPT.from_pretrained(init_from, block_size=T, attn_mask='stablemask').to(device)
-    losses = train(after, lm_batches(train_ids, 8, T, seed=0), n_steps, lr=3e-5, warmup=min(50, n_steps))
-    stats['after'] = attention_shares(after, x)
-    rows = [[layer, f"{100 * stats['before']['first'][layer, 1:].mean():.1f}", f"{100 * stats['after']['first'][layer, 1:].mean():.1f}",
-             f"{100 * stats['after']['virtual'][layer, 1:].mean():.1f}"] for layer in range(stats['before']['first'].size(0))]
+    val_loss = lambda model: lm_loss(model, val_ids, T, n_batches=4, batch_size=8)
+    states, stats, losses = ('pretrained (causal)', 'StableMask, no update', 'StableMask, fine-tuned'), {}, {}
+    model = GPT.from_pretrained(init_from, block_size=T).to(device).eval()
+    stats[states[0]], losses[states[0]] = attention_shares(model, x), val_loss(model)
+    model = GPT.from_pretrained(init_from, block_size=T, attn_mask='stablemask').to(device).eval()
+    stats[states[1]], losses[states[1]] = attention_shares(model, x), val_loss(model)
+    trained = train(model, lm_batches(train_ids, batch, T, seed=0), n_steps, lr=3e-5, warmup=min(20, n_steps), mask_warmup=n_steps // 2)
+    stats[states[2]], losses[states[2]] = attention_shares(model, x), val_loss(model)
+    share = lambda state, key, layer=slice(None), first=1: 100 * stats[state][key][layer, first:].mean()
+    rows = [[layer] + [f"{share(s, 'first', layer):.1f}" for s in states] + [f"{share(s, 'virtual', layer):.1f}" for s in states[1:]]
+            for layer in range(stats[states[0]]['first'].size(0))]
     print(f"\n{init_from}: share of attention (%) by layer, queries 1-{T - 1} of {x.size(0)} validation windows of {T} tokens; "
-          f"StableMask fine-tune of {n_steps} steps of 8 x {T} (training loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f})\n")
-    print(table(['layer', 'first token, pretrained (causal)', 'first token, after StableMask', 'pseudo columns, after'], rows))
+          f"the fine-tune: {n_steps} steps of {batch} x {T} tokens, lr 3e-5, the pseudo mass grown over the first {n_steps // 2} "
+          f"(training loss {trained[0]:.3f} at its first step, {trained[-1]:.3f} at its last)\n")
+    print(table(['layer', *(f"first token, {s}" for s in states), *(f"pseudo columns, {s}" for s in states[1:])], rows))
+    rows = [[s, f"{losses[s]:.3f}", f"{share(s, 'first'):.1f}", f"{share(s, 'first', first=9):.1f}", f"{share(s, 'virtual'):.1f}"]
+            for s in states]
+    print("\nMean over layers\n")
+    print(table(['state', 'validation loss', 'first token, queries 1-127', 'first token, queries 9-127', 'pseudo columns'], rows))
     return stats
 
 

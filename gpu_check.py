@@ -13,6 +13,7 @@ test it was in, and what each step compiled; then the benchmark's tables.
   configs_fp32
   gpu_tests     the rest of test_gpu.py: the sdpa path's CUDA branches, decode steps, tuning once
                 per length bucket, train.py eager against torch.compile
+  fsdp          train.py under FSDP2 with torch.compile and bf16, a world of one, saved and resumed
   kernel_float32  test_kernel.py on the GPU: every implementation against float64 over many shapes,
   kernel_variants grouped-query attention, sink logits, pseudo lengths, extreme decays,
   kernel_suite  and the rest (bf16 included, torch.compile fullgraph)
@@ -54,7 +55,8 @@ STEPS = {
     'configs_bf16': (PYTEST + ['test_gpu.py', '-k', 'every_autotune_config and bfloat16'], 170, 55, 'full'),
     'configs_fp16': (PYTEST + ['test_gpu.py', '-k', 'every_autotune_config and float16 and not bfloat16'], 170, 55, 'full'),
     'configs_fp32': (PYTEST + ['test_gpu.py', '-k', 'every_autotune_config and float32'], 170, 55, 'full'),
-    'gpu_tests': (PYTEST + ['test_gpu.py', '-k', 'not every_autotune_config'], 170, None, 'first'),
+    'gpu_tests': (PYTEST + ['test_gpu.py', '-k', 'not every_autotune_config and not fsdp'], 170, None, 'first'),
+    'fsdp': (PYTEST + ['test_gpu.py', '-k', 'fsdp'], 170, None, 'first'),
     'kernel_float32': (PYTEST + ['test_kernel.py', '-k', 'float32_matches'], 170, 55, 'first'),
     'kernel_variants': (PYTEST + ['test_kernel.py', '-k', VARIANTS], 170, 55, 'first'),
     'kernel_suite': (PYTEST + ['test_kernel.py', '-k', f'not float32_matches and not ({VARIANTS})'], 170, 55, 'first'),

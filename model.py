@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 if not torch.cuda.is_available():
@@ -158,6 +159,28 @@ def _fused_backward(kind, do, q, k, v, out, lse, bias, causal, scale, saved):
     return dq, dk, dv
 
 
+def stablemask_fused(q, k, v, log_mass, bias, for_backward=False):
+    """StableMask through PyTorch's fused causal attention, corrected by the virtual key (below): the
+    output at the kernel's head dim, and with for_backward what the fused backward needs: (q, k, v
+    padded to that width, the log-sum-exp with the virtual mass, causal, the kernel, its values)."""
+    causal = bias is None and q.size(-2) > 1  # a bias already holds the causal mask
+    D = q.size(-1)
+    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
+    kind, width = fused_kernel(q.device.type, q.dtype, D, bias is not None, capability)
+    if width != D:
+        q, k, v = (F.pad(t, (0, width - D)) for t in (q, k, v))
+    out, lse, saved = _fused_forward(kind, q, k, v, bias, causal, 1 / math.sqrt(D))
+    Tq = q.size(-2)
+    rows = lse if lse.size(-1) == Tq else lse[..., :Tq]  # some kernels pad it
+    share = torch.sigmoid(rows - log_mass).unsqueeze(-1)  # of each row's mass, the real keys' share
+    if not for_backward:  # generation: in place, a decode step's few operations counted
+        return out.mul_(share if out.dtype == share.dtype else share.to(out.dtype)), None
+    out = out * share.to(out.dtype)
+    lse_sm = lse.clone()
+    lse_sm[..., :Tq] = torch.logaddexp(lse[..., :Tq], log_mass)
+    return out, (q, k, v, lse_sm, causal, kind, saved)
+
+
 class StableMaskSDPA(torch.autograd.Function):
     """StableMask through PyTorch's own fused attention (README, The method). StableMask is causal
     attention plus one virtual key per row of logit log S_i and value 0, so
@@ -168,17 +191,8 @@ class StableMaskSDPA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, log_mass, bias):
-        causal = bias is None and q.size(-2) > 1  # a bias already holds the causal mask
         D = q.size(-1)
-        capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
-        kind, width = fused_kernel(q.device.type, q.dtype, D, bias is not None, capability)
-        if width != D:
-            q, k, v = (F.pad(t, (0, width - D)) for t in (q, k, v))
-        out, lse, saved = _fused_forward(kind, q, k, v, bias, causal, 1 / math.sqrt(D))
-        Tq = q.size(-2)
-        lse_sm = lse.clone()
-        lse_sm[..., :Tq] = torch.logaddexp(lse[..., :Tq], log_mass)
-        out = out * torch.sigmoid(lse[..., :Tq] - log_mass).unsqueeze(-1).to(out.dtype)
+        out, (q, k, v, lse_sm, causal, kind, saved) = stablemask_fused(q, k, v, log_mass, bias, for_backward=True)
         ctx.save_for_backward(q, k, v, out, lse_sm, bias, log_mass)
         ctx.causal, ctx.kind, ctx.head_dim, ctx.saved = causal, kind, D, saved
         return out[..., :D]
@@ -196,10 +210,12 @@ class StableMaskSDPA(torch.autograd.Function):
         return (*(g[..., :D] for g in grads), d_log_mass, None)
 
 
-def stablemask_sdpa(q, k, v, gamma, alibi=None, pseudo_len=None, window=None, offset=0.0, sink=None):
+def stablemask_sdpa(q, k, v, gamma, alibi=None, pseudo_len=None, window=None, offset=0.0, sink=None, shared=None):
     """StableMask attention on PyTorch's fused kernels, the same function as stablemask_reference.
     Tq must be T (training, prefill) or 1 (a decode step), on a CPU or a CUDA GPU; anything else goes
-    to the reference."""
+    to the reference. shared: a dict the layers of one forward pass share, so that the pseudo mass,
+    the same for all of them, is computed once (GPT.forward passes one). Without a gradient to take
+    (generation) the fused call runs without the autograd.Function around it."""
     Tq, T = q.size(-2), k.size(-2)
     if Tq not in (T, 1) or q.device.type not in ('cpu', 'cuda'):
         return stablemask_reference(q, k, v, gamma, alibi, pseudo_len, window, offset, sink)
@@ -210,17 +226,28 @@ def stablemask_sdpa(q, k, v, gamma, alibi=None, pseudo_len=None, window=None, of
     bias = None if alibi is None and window is None else attention_bias(alibi, window, Tq, T, q.dtype, q.device)
     if gamma is None and sink is None:  # the causal baseline needs no correction; PyTorch's dispatcher picks a kernel that fits
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and Tq > 1)
-    rows = torch.arange(T - Tq, T, device=q.device)
-    log_mass = virtual_logits(gamma, rows, T if pseudo_len is None else pseudo_len, offset, sink, q.size(1))
-    return StableMaskSDPA.apply(q, k, v, log_mass, bias)
+    log_mass = virtual_logits(gamma, T, Tq, T if pseudo_len is None else pseudo_len, offset, sink, q.size(1), q.device, shared)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or log_mass.requires_grad):
+        return StableMaskSDPA.apply(q, k, v, log_mass, bias)
+    out = stablemask_fused(q, k, v, log_mass, bias)[0]
+    return out if out.size(-1) == q.size(-1) else out[..., :q.size(-1)]
 
 
-def virtual_logits(gamma, rows, pseudo_len, offset, sink, n_head):
+def virtual_logits(gamma, T, Tq, pseudo_len, offset, sink, n_head, device, shared=None):
     """(H, Tq): the logit of each row's one virtual key of value 0, which stands for all its extra
-    mass: StableMask's pseudo mass (shifted by offset) and a sink logit, either of them or both."""
-    logits = torch.full((n_head, rows.numel()), -math.inf, device=rows.device)
-    if gamma is not None:
-        logits = log_pseudo_mass(gamma, rows, pseudo_len) + offset
+    mass: StableMask's pseudo mass (shifted by offset) and a sink logit, either of them or both. The
+    rows are the last Tq of T; their pseudo mass is kept in shared for the next layer of the pass,
+    whose decays, rows and pseudo_len are the same (a key of sizes would make torch.compile
+    specialise on them)."""
+    if gamma is None:
+        logits = torch.full((n_head, Tq), -math.inf, device=device)
+    else:
+        mass = None if shared is None else shared.get('log pseudo mass')
+        if mass is None:
+            mass = log_pseudo_mass(gamma, torch.arange(T - Tq, T, device=device), pseudo_len)
+            if shared is not None:
+                shared['log pseudo mass'] = mass
+        logits = mass + offset if offset else mass
     if sink is not None:
         logits = torch.logaddexp(logits, sink.float().view(-1, 1))
     return logits
@@ -229,7 +256,7 @@ def virtual_logits(gamma, rows, pseudo_len, offset, sink, n_head):
 AUTO_IMPL = {'cuda': 'triton', 'cpu': 'sdpa'}  # attn_impl='auto' by device type; others take the reference
 
 
-def attend(q, k, v, gamma, alibi, pseudo_len, impl, window=None, offset=0.0, sink=None):
+def attend(q, k, v, gamma, alibi, pseudo_len, impl, window=None, offset=0.0, sink=None, shared=None):
     """Dispatch to one of three implementations of the same function; see GPTConfig.attn_impl."""
     if impl == 'auto':
         impl = AUTO_IMPL.get(q.device.type, 'reference')
@@ -241,7 +268,7 @@ def attend(q, k, v, gamma, alibi, pseudo_len, impl, window=None, offset=0.0, sin
             return stablemask_attention(q, k, v, gamma, alibi, pseudo_len, offset=offset, sink=sink)
     if impl == 'reference':
         return stablemask_reference(q, k, v, gamma, alibi, pseudo_len, window, offset, sink)
-    return stablemask_sdpa(q, k, v, gamma, alibi, pseudo_len, window, offset, sink)
+    return stablemask_sdpa(q, k, v, gamma, alibi, pseudo_len, window, offset, sink, shared)
 
 # -----------------------------------------------------------------------------
 # The model
@@ -302,14 +329,18 @@ PRESETS = {
 
 
 def swiglu_hidden(n_embd):
-    """LLaMA's SwiGLU width: 2/3 of 4 * n_embd, rounded up to a multiple of 256."""
-    return -(-(8 * n_embd // 3) // 256) * 256
+    """The SwiGLU width: LLaMA's 2/3 of 4 * n_embd, rounded up to a multiple of 256, or for a model
+    narrower than 512 to a multiple of the largest power of two at most n_embd / 2 (256 would inflate
+    a small MLP by half: 341 -> 512 at n_embd 128, now 384). The paper's models keep LLaMA's widths."""
+    multiple = min(256, 1 << ((n_embd // 2).bit_length() - 1))
+    return -(-(8 * n_embd // 3) // multiple) * multiple
 
 
 def rope_cos_sin(positions, head_dim, base, scaling=None):
-    """Rotary embedding tables for the given positions, each (T, head_dim // 2), float32."""
+    """Rotary embedding tables for the given positions, each (T, 1, head_dim // 2) (to broadcast over
+    the heads of a (B, T, heads, head_dim) tensor), float32."""
     inv_freq = rope_frequencies(head_dim, base, scaling).to(positions.device)
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = positions.float()[:, None, None] * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -331,9 +362,11 @@ def rope_frequencies(head_dim, base, scaling=None):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the halves of x (B, H, T, D) by the position angles (GPT-NeoX's pairing)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    """Rotate the halves of x (B, T, heads, D) by the position angles (GPT-NeoX's pairing), in x's
+    dtype as transformers' Llama does: the tables are cast (T x D/2), never q and k."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class RMSNorm(nn.Module):
@@ -399,29 +432,36 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.impl = config.attn_impl
-        # constants, not parameters: StableMask adds nothing to train
+        self.offset = config.sm_offset
+        if config.sink_logit == 'learned':  # a parameter, unlike StableMask: its gradient comes through the virtual key
+            self.sink = nn.Parameter(torch.zeros(config.n_head))
+        self.set_constants(config)
+
+    def set_constants(self, config, device=None):
+        """The layer's constants, not parameters (StableMask adds nothing to train): the pseudo-score
+        decays, ALiBi's slopes, a fixed sink logit. Set anew after a model built on the meta device
+        gets its memory (sharded.py)."""
         gamma = None
         if config.attn_mask == 'stablemask':
             gamma = alibi_slopes(config.n_head) if config.sm_gamma is None else torch.full((config.n_head,), float(config.sm_gamma))
         alibi = alibi_slopes(config.n_head) if config.pos_enc == 'alibi' else None
-        self.register_buffer('gamma', gamma, persistent=False)
-        self.register_buffer('alibi', alibi, persistent=False)
-        self.offset = config.sm_offset
-        if config.sink_logit == 'learned':  # a parameter, unlike StableMask: its gradient comes through the virtual key
-            self.sink = nn.Parameter(torch.zeros(config.n_head))
-        else:
-            self.register_buffer('sink', torch.zeros(config.n_head) if config.sink_logit == 'zero' else None, persistent=False)
+        to = lambda t: None if t is None else t.to(device) if device is not None else t
+        self.register_buffer('gamma', to(gamma), persistent=False)
+        self.register_buffer('alibi', to(alibi), persistent=False)
+        if config.sink_logit != 'learned':
+            self.register_buffer('sink', to(torch.zeros(config.n_head)) if config.sink_logit == 'zero' else None, persistent=False)
 
-    def forward(self, x, rope=None, layer=0, kv_cache=None, pseudo_len=None, window=None):
+    def forward(self, x, rope=None, layer=0, kv_cache=None, pseudo_len=None, window=None, shared=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))  # (B, H_kv, T, D)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=2)  # split, not sliced: its backward is one cat
+        if rope is not None:  # q and k rotated together, in the layout the projection wrote (rows contiguous)
+            qk = apply_rope(qk, *rope)
+        q, k = (t.transpose(1, 2) for t in qk.split([self.n_head, self.n_kv_head], dim=2))  # (B, H, T, D), (B, H_kv, T, D)
+        v = v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
-        y = attend(q, k, v, self.gamma, self.alibi, pseudo_len, self.impl, window, self.offset, self.sink)
+        y = attend(q, k, v, self.gamma, self.alibi, pseudo_len, self.impl, window, self.offset, self.sink, shared)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
@@ -450,8 +490,8 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, layer, kv_cache, pseudo_len, window):
-        x = x + self.attn(self.ln_1(x), rope, layer, kv_cache, pseudo_len, window)
+    def forward(self, x, rope, layer, kv_cache, pseudo_len, window, shared=None):
+        x = x + self.attn(self.ln_1(x), rope, layer, kv_cache, pseudo_len, window, shared)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -467,6 +507,7 @@ class GPT(nn.Module):
             ln_f=RMSNorm(config.n_embd, config.norm_eps),
         ))
         self.n_sink = int(config.sink_token != 'none')  # positions before the tokens: the sink token's
+        self.activation_checkpointing = False  # train.py's setting: each block's activations recomputed in the backward
         if config.pos_enc == 'learned':
             self.transformer.wpe = nn.Embedding(config.block_size + self.n_sink, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied, as in LLaMA, unless tie_embeddings
@@ -519,8 +560,12 @@ class GPT(nn.Module):
         elif self.config.pos_enc == 'rope':
             rope = rope_cos_sin(pos, self.transformer.h[0].attn.head_dim, self.config.rope_base, self.config.rope_scaling)
         x = self.transformer.drop(x)
+        shared = {}  # what every layer of this pass computes alike, once: the pseudo mass of its rows
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, rope, layer, kv_cache, pseudo_len, window)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():  # recomputed in the backward
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, layer, kv_cache, pseudo_len, window, shared, use_reentrant=False)
+            else:
+                x = block(x, rope, layer, kv_cache, pseudo_len, window, shared)
         if kv_cache is not None:
             kv_cache.advance(x.size(1))
         x = self.transformer.ln_f(x[:, self.n_sink:] if prepend else x)
@@ -584,6 +629,19 @@ class GPT(nn.Module):
         """idx (B, T) continued by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
         steps = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, use_cache, sliding_window))
         return torch.cat([idx, *steps], dim=1)
+
+    def set_constants(self, device):
+        """Every layer's constants (CausalSelfAttention.set_constants), on device."""
+        for block in self.transformer.h:
+            block.attn.set_constants(self.config, device)
+
+    def scale_pseudo_mass(self, scale):
+        """Multiply StableMask's pseudo mass by scale, from 0 (causal attention, exactly) to 1 (the
+        paper's): what train.py's mask_warmup_iters ramps, so that a causal model turns into a
+        StableMask one without a jump in its loss. Each layer's offset (log of the scale) carries it."""
+        offset = self.config.sm_offset + (math.log(scale) if scale > 0 else -math.inf)
+        for block in self.transformer.h:
+            block.attn.offset = offset
 
     @staticmethod
     def from_pretrained(path, **overrides):
@@ -661,39 +719,29 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 # checkpoint from a stranger cannot run code
 
 
-def save_checkpoint(checkpoint, path):
-    """torch.save to a temporary name, on disk, then renamed: an interrupted or failed save leaves the
-    old file whole and no temporary one. Raises OSError when the disk refuses (full, read-only, a size limit)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, 'wb') as f:
-            try:
-                torch.save(checkpoint, f)
-            except RuntimeError as e:  # torch's writer reports a failed write as its own error, the OSError behind it
-                if isinstance(e.__context__, OSError):
-                    raise e.__context__ from None
-                raise
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def checkpoint_file(path):
-    """A checkpoint names a file, a folder holding ckpt.pt, or a Hugging Face model's folder."""
+    """A checkpoint names a file, a folder holding ckpt.pt (or a sharded ckpt.dcp), or a Hugging Face
+    model's folder."""
     from pretrained import is_pretrained_folder
+    from sharded import LINK, is_sharded
+    if os.path.isdir(path) and is_sharded(path):
+        return os.path.join(path, LINK) if os.path.isdir(os.path.join(path, LINK)) else path
     return os.path.join(path, 'ckpt.pt') if os.path.isdir(path) and not is_pretrained_folder(path) else path
 
 
-def load_checkpoint(path, device='cpu'):
+def load_checkpoint(path, device='cpu', weights=True):
     """Load a checkpoint file, or the ckpt.pt in a folder, or a Hugging Face LLaMA-family model's
-    folder (pretrained.py) as a checkpoint with its tokenizer's description. Raises ValueError, with
-    one line saying what is wrong, for a missing, corrupt, truncated or foreign file."""
-    from pretrained import is_pretrained_folder, pretrained_checkpoint  # imported on use, as the kernel is
+    folder (pretrained.py) as a checkpoint with its tokenizer's description. A sharded checkpoint
+    (sharded.py), and a Hugging Face folder with weights=False, come without their tensors: then
+    'sharded' or 'pretrained' says where they are, and model_from_checkpoint or sharded.py reads them.
+    Raises ValueError, with one line saying what is wrong, for a missing, corrupt, truncated or foreign file."""
+    from pretrained import is_pretrained_folder, pretrained_args, pretrained_checkpoint  # imported on use, as the kernel is
+    from sharded import folder_of, is_sharded, read_run, safe_metadata
     if is_pretrained_folder(path):
-        return pretrained_checkpoint(path)
+        return pretrained_checkpoint(path) if weights else pretrained_args(path)
+    if os.path.isdir(path) and is_sharded(path):
+        safe_metadata(folder_of(path))  # before anything reads it
+        return dict(read_run(path), sharded=folder_of(path))
     path = checkpoint_file(path)
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}")
@@ -718,11 +766,20 @@ def model_from_checkpoint(checkpoint, **overrides):
     """The GPT a checkpoint holds, with GPTConfig fields overridden (attn_impl, attn_mask, ...).
     Raises ValueError, one line, when its model_args or its tensors do not describe a model of ours."""
     args = {**checkpoint['model_args'], **overrides}
+    fc = checkpoint.get('model', {}).get('transformer.h.0.mlp.c_fc.weight')
+    if args.get('n_hidden') is None and fc is not None:
+        args['n_hidden'] = fc.size(0)  # saved before swiglu_hidden's rule for small models: its own width
     unknown = sorted(args.keys() - GPTConfig.__dataclass_fields__.keys())
     if unknown:
         raise ValueError(f"its model_args hold settings this version does not know: {', '.join(unknown)}")
     model = GPT(GPTConfig(**args))
     config = model.config
+    if 'model' not in checkpoint:  # sharded, or weights=False: read whole into this process now
+        from pretrained import pretrained_checkpoint
+        from sharded import full_model_state
+        state = full_model_state(checkpoint['sharded'], model) if 'sharded' in checkpoint else \
+            pretrained_checkpoint(checkpoint['pretrained'])['model']
+        checkpoint = {**checkpoint, 'model': state}
     state = checkpoint['model']
     if config.pos_enc == 'learned' and 'transformer.wpe.weight' in state:  # a shorter block_size keeps the first positions
         wpe, positions = state['transformer.wpe.weight'], config.block_size + model.n_sink

@@ -20,13 +20,14 @@ GPT-2's. Tokenizers: 'gpt2', GPT-2's BPE through tiktoken (its 'r50k_base' is th
 one file, so an offline machine can load it from TIKTOKEN_CACHE_DIR), with <|endoftext|> after every
 document; 'char', one token per character, with a newline after every document, its table from a
 first pass over the text; or a Hugging Face model's folder: its tokenizer.json (pip install
-tokenizers), with its end-of-sequence token after every document, documents never cut.
+tokenizers), with its end-of-sequence token after every document.
 
 Validation: WikiText-103 and MiniPile keep their own splits, and --val_input gives one. Otherwise
 each document is cut into sections (a document of up to 8k characters whole, a longer one in parts
 of about 1k) and section i of the corpus is held out when a hash of i falls below --val_fraction
 (corpus.held_out): no corpus size is needed in advance, and the same text is held out for every
-tokenizer.
+tokenizer. A cut is made only where the tokenizer cannot join tokens across it: proven for GPT-2's
+BPE and characters, checked at each place for a Hugging Face tokenizer (cut_rule).
 
 Every core tokenizes (a process per core): the output is the same, byte for byte, for any --workers,
 and equals, document by document, the tokenizer on the whole document. The work goes in chunks of
@@ -215,18 +216,22 @@ def hf_tokenizer_meta(folder):
     return dict(meta, vocab_size=tokenizer.get_vocab_size(with_added_tokens=True))
 
 
-def tokenizer_from_meta(meta, folder=None):
+def tokenizer_from_meta(meta, folder=None, show_special=None):
     """(encode: str -> list of ids, decode: list of ids -> str) for the tokenizer a meta.json (or a
-    checkpoint's meta) names. folder: where a Hugging Face tokenizer is now, if it has moved."""
+    checkpoint's meta) names. folder: where a Hugging Face tokenizer is now, if it has moved.
+    show_special: whether decode writes special tokens (<|endoftext|>, <|im_start|>, ...); None:
+    each tokenizer's own way (GPT-2's does, a Hugging Face tokenizer's does not)."""
     if meta['tokenizer'] == 'gpt2':
         enc = gpt2_encoding()
-        return enc.encode_ordinary, enc.decode
+        hidden = set() if show_special in (None, True) else {GPT2_EOT}
+        return enc.encode_ordinary, lambda ids: enc.decode([i for i in ids if i not in hidden])
     if meta['tokenizer'] == 'hf':
         folder = folder or meta['tokenizer_path']
         if not os.path.isdir(folder):
             raise PrepareError(f"the tokenizer was at {folder}, which is not there now: pass --tokenizer=<the folder holding its tokenizer.json>")
         tokenizer = hf_tokenizer(folder, meta['tokenizer_sha256'])
-        return lambda text: tokenizer.encode(text, add_special_tokens=False).ids, tokenizer.decode
+        return (lambda text: tokenizer.encode(text, add_special_tokens=False).ids,  # the special tokens written in text still count
+                lambda ids: tokenizer.decode(ids, skip_special_tokens=not show_special))
     chars = meta['chars']
     stoi = {c: i for i, c in enumerate(chars)}
 
@@ -314,11 +319,21 @@ def encoded_chunks(chunks, meta, workers):
 # the run: chunks of sections, written in order, with a record of the last finished chunk
 
 
+def cut_rule(meta):
+    """How corpus.sections may cut long documents for this tokenizer: wherever its rule allows for
+    GPT-2's BPE and characters (proven); for a Hugging Face tokenizer, only where tokenizing the text
+    on each side apart gives its tokens of the two together (a SentencePiece tokenizer that adds a
+    space to the start of a text fails there, and its documents stay whole)."""
+    if meta['tokenizer'] != 'hf':
+        return True
+    tokenizer = hf_tokenizer(meta['tokenizer_path'], meta['tokenizer_sha256'])
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+    return lambda before, after: encode(before + after) == encode(before) + encode(after)
+
+
 def chunks_of(splits, val_fraction, chunk_chars, tally, cut=True):
     """Lists of (section, last, split), about chunk_chars characters each, in reading order. The
-    chunks depend only on the text, never on the number of processes. cut=False: documents whole
-    (corpus.sections' cuts are proven for GPT-2's pre-tokenizer and characters, not for every
-    tokenizer: SentencePiece's would add a space at each)."""
+    chunks depend only on the text, never on the number of processes. cut: cut_rule's."""
     chunk, size, index = [], 0, 0
     for name, read in splits.items():
         for text, last in sections(read(tally), cut):
@@ -432,7 +447,7 @@ def write_dataset(dest, splits, files, source, tokenizer, args, workers, max_mal
     tally = Tally()
     total = sum(os.path.getsize(f) for f in files if os.path.isfile(f)) or None
     bar = tqdm(total=total, unit='B', unit_scale=True, desc=f"tokenize {os.path.basename(dest)}")
-    chunks = chunks_of(splits, args.val_fraction, args.chunk_chars, tally, cut=meta['tokenizer'] != 'hf')
+    chunks = chunks_of(splits, args.val_fraction, args.chunk_chars, tally, cut_rule(meta))
     todo = (c for k, c in enumerate(chunks) if k >= progress['chunks'])
     with outputs['train'], outputs['val']:
         for encoded in encoded_chunks(todo, meta, workers):

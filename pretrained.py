@@ -67,51 +67,64 @@ def model_args(config, where):
         block_size=config['max_position_embeddings'], bias=False, pos_enc='rope', attn_mask='causal', dropout=0.0)
 
 
-def read_weights(folder):
-    """{name: tensor} of model.safetensors, or of every shard a model.safetensors.index.json names."""
+def weight_files(folder):
+    """{Hugging Face tensor name: the safetensors file that holds it}, of model.safetensors or of every
+    shard a model.safetensors.index.json names; nothing is read but the files' headers."""
     try:
-        from safetensors.torch import load_file
+        from safetensors import safe_open
     except ImportError:
         raise ValueError("loading a Hugging Face checkpoint needs the safetensors package: pip install safetensors") from None
     index = os.path.join(folder, 'model.safetensors.index.json')
     if os.path.isfile(index):
         with open(index) as f:
-            shards = sorted(set(json.load(f)['weight_map'].values()))
-    elif os.path.isfile(os.path.join(folder, 'model.safetensors')):
-        shards = ['model.safetensors']
-    else:
+            return {name: os.path.join(folder, shard) for name, shard in json.load(f)['weight_map'].items()}
+    path = os.path.join(folder, 'model.safetensors')
+    if not os.path.isfile(path):
         found = 'only a pickled pytorch_model.bin, refused as loading it could run code' if os.path.exists(
             os.path.join(folder, 'pytorch_model.bin')) else 'none'
         raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json ({found})")
+    with safe_open(path, framework='pt') as f:
+        return {name: path for name in f.keys()}
+
+
+def read_weights(folder):
+    """{name: tensor} of every tensor weight_files names."""
+    from safetensors.torch import load_file
     weights = {}
-    for shard in shards:
-        weights.update(load_file(os.path.join(folder, shard)))
+    for path in sorted(set(weight_files(folder).values())):
+        weights.update(load_file(path))
     return weights
 
 
-def state_dict(weights, args, where):
-    """Our GPT's state dict from Hugging Face weights: renamed, q/k/v fused (weights, and biases)."""
-    state, qkv = {}, {}
-    for name, tensor in weights.items():
+def source_map(names, args, where):
+    """{our tensor's name: the Hugging Face tensors whose concatenation along the first dimension it
+    is}: renamed, q, k and v fused into c_attn (weights, and biases), the head tied to the embedding."""
+    sources, qkv = {}, {}
+    for name in names:
         if name.endswith('rotary_emb.inv_freq'):
             continue  # a buffer older checkpoints kept; ours is computed
         fused = QKV.fullmatch(name)
         if fused:
             layer, which, kind = fused.groups()
-            qkv.setdefault((layer, kind), {})[which] = tensor
+            qkv.setdefault((layer, kind), {})[which] = name
             continue
         for pattern, ours in RENAMES:
             if re.fullmatch(pattern, name):
-                state[re.sub(pattern, ours, name)] = tensor
+                sources[re.sub(pattern, ours, name)] = [name]
                 break
         else:
             raise ValueError(f"{where}: an unexpected tensor {name}")
     for (layer, kind), parts in qkv.items():
-        state[f"transformer.h.{layer}.attn.c_attn.{kind}"] = torch.cat([parts['q'], parts['k'], parts['v']])
+        sources[f"transformer.h.{layer}.attn.c_attn.{kind}"] = [parts['q'], parts['k'], parts['v']]
     if args['tie_embeddings']:
-        state.pop('lm_head.weight', None)
-        state['lm_head.weight'] = state['transformer.wte.weight']
-    return state
+        sources['lm_head.weight'] = sources['transformer.wte.weight']
+    return sources
+
+
+def state_dict(weights, args, where):
+    """Our GPT's state dict from Hugging Face weights (source_map's names and fusions)."""
+    return {ours: torch.cat([weights[n] for n in names]) if len(names) > 1 else weights[names[0]]
+            for ours, names in source_map(weights, args, where).items()}
 
 
 def tokenizer_meta(folder):
@@ -134,6 +147,37 @@ def tokenizer_meta(folder):
     return dict(tokenizer='hf', tokenizer_path=os.path.abspath(folder), tokenizer_sha256=file_sha256(path), eot_token=eos)
 
 
+def chat_prompt(folder, message):
+    """message as the one user turn of the folder's chat template (chat_template.jinja, or
+    tokenizer_config.json's chat_template), ending where the assistant's answer begins. Rendered in
+    jinja2's sandbox, so a stranger's template cannot run code (pip install jinja2). Raises
+    ValueError, one line, for a folder without a template or a template that fails."""
+    template = read_json(folder, 'tokenizer_config.json').get('chat_template')
+    path = os.path.join(folder, 'chat_template.jinja')
+    if os.path.isfile(path):
+        with open(path) as f:
+            template = f.read()
+    if not isinstance(template, str):
+        raise ValueError(f"{folder} has no chat template (chat_template.jinja, or chat_template in tokenizer_config.json)")
+    try:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise ValueError("a chat template needs the jinja2 package: pip install jinja2") from None
+    config = read_json(folder, 'tokenizer_config.json')
+    token = lambda name: (config.get(name) or {}).get('content', '') if isinstance(config.get(name), dict) else config.get(name) or ''
+
+    def raise_exception(text):  # what templates call on a conversation they do not take
+        raise TemplateError(text)
+    try:
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=['jinja2.ext.loopcontrols'])
+        return environment.from_string(template).render(
+            messages=[{'role': 'user', 'content': message}], add_generation_prompt=True, bos_token=token('bos_token'),
+            eos_token=token('eos_token'), raise_exception=raise_exception)
+    except TemplateError as e:
+        raise ValueError(f"{folder}'s chat template failed: {e}") from None
+
+
 def read_json(folder, name):
     """A JSON file of the folder as a dict; {} if the folder has none of that name."""
     path = os.path.join(folder, name)
@@ -150,6 +194,12 @@ def file_sha256(path):
 
 def pretrained_checkpoint(folder):
     """A Hugging Face folder as a checkpoint of ours: {'model', 'model_args', 'meta'}, float32 weights."""
-    args = model_args(read_json(folder, 'config.json'), folder)
+    checkpoint = pretrained_args(folder)
     weights = {k: v.float() for k, v in read_weights(folder).items()}
-    return dict(model=state_dict(weights, args, folder), model_args=args, meta=tokenizer_meta(folder))
+    return dict(checkpoint, model=state_dict(weights, checkpoint['model_args'], folder))
+
+
+def pretrained_args(folder):
+    """The same without its weights: {'model_args', 'meta', 'pretrained': folder} (sharded.py reads
+    each rank's part of the weights itself)."""
+    return dict(model_args=model_args(read_json(folder, 'config.json'), folder), meta=tokenizer_meta(folder), pretrained=folder)

@@ -10,6 +10,8 @@ built, and tidied after a run that was killed.
   the disk has room for one more checkpoint beside the last (a save writes aside, then renames).
 - After a kill: temporary checkpoints of processes that are gone are removed (GBs at 1.4B), and a
   resumed run drops the log rows written after its checkpoint (they are redone).
+- A checkpoint is written aside, flushed to disk, then renamed (save_checkpoint), so a kill or a
+  full disk never leaves half a ckpt.pt; sharded.py does the same for sharded checkpoints.
 """
 
 import errno
@@ -18,6 +20,8 @@ import os
 import shutil
 import socket
 import tempfile
+
+import torch
 
 try:
     import fcntl
@@ -131,3 +135,23 @@ def trim_log(log_path, last_step):
     with open(tmp, 'w') as f:
         f.writelines(rows)
     os.replace(tmp, log_path)
+
+
+def save_checkpoint(checkpoint, path):
+    """torch.save to a temporary name, on disk, then renamed: an interrupted or failed save leaves the
+    old file whole and no temporary one. Raises OSError when the disk refuses (full, read-only, a size limit)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, 'wb') as f:
+            try:
+                torch.save(checkpoint, f)
+            except RuntimeError as e:  # torch's writer reports a failed write as its own error, the OSError behind it
+                if isinstance(e.__context__, OSError):
+                    raise e.__context__ from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -4,6 +4,7 @@ Sample text from a trained checkpoint, streamed as it is generated.
     python sample.py --init_from=out-shakespeare-char --start="ROMEO:" --num_samples=3
     python sample.py --init_from=out/ckpt.pt --start=FILE:prompt.txt --temperature=0 --max_new_tokens=100
     python sample.py --init_from=SmolLM2-135M/ --start="The capital of France"   # a Hugging Face model's folder
+    python sample.py --init_from=SmolLM2-135M-Instruct/ --chat=True --start="What is the capital of France?"
 
 Generation uses a KV cache under the paper's SM-I inference: every position keeps the pseudo mass it
 had at the training length, so a cached step computes exactly what a full forward pass would. Past
@@ -18,12 +19,13 @@ import torch
 from configurator import configure_script
 from model import autocast_for, checkpoint_file, load_checkpoint, model_from_checkpoint, resolve_device
 from prepare_data import PrepareError, tokenizer_from_meta
+from pretrained import chat_prompt
 
 # -----------------------------------------------------------------------------
 init_from = 'out'  # a checkpoint file, a folder holding ckpt.pt, or a Hugging Face LLaMA-family model's folder
 tokenizer = ''  # where the Hugging Face tokenizer of a fine-tuned checkpoint is now, if it has moved
 start = "\n"  # the prompt; FILE:path reads it from a file. Empty: the end-of-text token (GPT-2 BPE)
-num_samples = 3
+num_samples = 3  # generated together, as one batch
 max_new_tokens = 500
 temperature = 0.8  # 0: greedy
 top_k = 200  # None: no top-k cut
@@ -34,7 +36,9 @@ device = 'auto'  # 'cpu', 'cuda', 'cuda:1', ...; auto: a GPU if there is one
 dtype = 'auto'  # 'float32', 'bfloat16', 'float16'; auto: bf16 on GPUs that have it, else float32
 attn_impl = 'auto'  # 'auto', 'triton', 'sdpa', 'reference'
 use_cache = True  # False recomputes the whole context at every step (same tokens, slower)
-compile = False
+compile = False  # torch.compile the model, the KV-cached decode step included
+chat = False  # the prompt as a user's message in the model's chat template (a Hugging Face model's, or its fine-tune's); stops at its end-of-turn token
+show_special = False  # write special tokens (<|endoftext|>, <|im_start|>, ...) in the text
 # -----------------------------------------------------------------------------
 RULES = dict(num_samples='>0', max_new_tokens='>=0', temperature='>=0', top_k='>0', top_p='>0, <=1',
              dtype=('auto', 'float32', 'bfloat16', 'float16'), attn_impl=('auto', 'triton', 'sdpa', 'reference'))
@@ -62,8 +66,8 @@ meta = checkpoint.get('meta')
 if not meta:
     fail(f"{init_from} holds no tokenizer description (meta); was it written by train.py?")
 model.eval().to(device)
-if compile:
-    model = torch.compile(model)
+if compile:  # the forward that generation calls; the decode step's lengths grow: compiled for any length, not once a token
+    model.forward = torch.compile(model.forward, dynamic=True)
 
 if start.startswith('FILE:'):
     try:
@@ -71,29 +75,53 @@ if start.startswith('FILE:'):
             start = f.read()
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read the prompt file {start[5:]}: {e}")
+if chat:
+    if meta['tokenizer'] != 'hf':
+        fail(f"--chat=True formats the prompt with a Hugging Face model's chat template; this model's tokenizer is {meta['tokenizer']}")
+    try:
+        start = chat_prompt(tokenizer or meta['tokenizer_path'], start)
+    except ValueError as e:
+        fail(e)
 try:
-    encode, decode = tokenizer_from_meta(meta, tokenizer or None)
+    encode, decode = tokenizer_from_meta(meta, tokenizer or None, show_special)
 except PrepareError as e:
     fail(e)
 try:
     start_ids = encode(start)
 except PrepareError as e:
     fail(f"the prompt: {e}")
+if chat:
+    start = decode(start_ids)  # as the text shows it: special tokens only with --show_special
 if not start_ids:
     if 'eot_token' not in meta:
         fail("the prompt is empty and this tokenizer has no end-of-text token to start from")
     start_ids = [meta['eot_token']]
 
-x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
-for n in range(num_samples):
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...].repeat(num_samples, 1)  # one batch: a forward a step for all
+end = meta.get('eot_token') if chat else None  # a chat answer ends at the end of its turn
+samples, done = [[] for _ in range(num_samples)], [False] * num_samples
+line, shown = [], ''  # one sample streams: the tokens since the last line break, and how much of their text is written
+if num_samples == 1:
     sys.stdout.write(start)
-    line, shown = [], ''  # the tokens since the last line break, and how much of their text is written
-    with torch.no_grad(), autocast:
-        for token in model.generate_tokens(x, max_new_tokens, temperature, top_k, top_p, use_cache, sliding_window):
-            line.append(token.item())
-            text = decode(line)  # decoded together: a token can hold part of a character, or a space for the next
-            if not text.endswith('\ufffd'):  # a character split across tokens waits for its last part
-                sys.stdout.write(text[len(shown):])
-                sys.stdout.flush()
-                line, shown = ([], '') if text.endswith('\n') else (line, text)
+with torch.no_grad(), autocast:
+    for step in model.generate_tokens(x, max_new_tokens, temperature, top_k, top_p, use_cache, sliding_window):
+        for row, token in enumerate(step[:, 0].tolist()):
+            if done[row] or (token == end and not show_special):
+                done[row] = True
+                continue
+            done[row] = token == end
+            samples[row].append(token)
+            if num_samples == 1:
+                line.append(token)
+                text = decode(line)  # decoded together: a token can hold part of a character, or a space for the next
+                if not text.endswith('\ufffd'):  # a character split across tokens waits for its last part
+                    sys.stdout.write(text[len(shown):])
+                    sys.stdout.flush()
+                    line, shown = ([], '') if text.endswith('\n') else (line, text)
+        if all(done):
+            break
+if num_samples == 1:
     sys.stdout.write(decode(line)[len(shown):] + '\n---------------\n')
+else:
+    for tokens in samples:
+        sys.stdout.write(start + decode(tokens) + '\n---------------\n')

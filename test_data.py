@@ -141,6 +141,25 @@ def test_sections_cut_where_bpe_agrees(gpt2_offline, monkeypatch):
         assert [t for s, _ in cut for t in enc.encode_ordinary(s)] == enc.encode_ordinary(text)
 
 
+def test_sections_cut_only_where_a_check_allows():
+    """A tokenizer without a proof (prepare_data.cut_rule: a Hugging Face one) has each place checked,
+    with text on both sides: where the check fails there is no cut, and after corpus.CHECK_TRIES
+    failures in a row the rest of the document stays whole. The text is all there, in order."""
+    text = max(pydoc_documents(), key=len)
+    proven = list(sections([(text, True)], True))
+    assert len(proven) > 10 and list(sections([(text, True)], lambda before, after: True)) == proven
+    assert list(sections([(text, True)], lambda before, after: False)) == [(text, True)]
+    asked, refused = [], proven[1][0][:4]  # where the proven rule cuts first: the check refuses such places
+
+    def check(before, after):
+        asked.append((len(before), len(after)))
+        return not after.startswith(refused)
+    cut = list(sections([(text, True)], check))
+    assert ''.join(t for t, _ in cut) == text and len(cut) > 10
+    assert not any(t.startswith(refused) for t, _ in cut[1:]) and cut != proven
+    assert max(asked) == (corpus.CHECK_CHARS, corpus.CHECK_CHARS)
+
+
 def test_every_format_gives_the_same_tokens(tmp_path, gpt2_offline):
     """.txt files, .jsonl, .jsonl.gz, .jsonl.zst and .parquet of the same documents give the same token
     files, and each document's tokens are GPT-2's on the whole document, then <|endoftext|>."""

@@ -106,3 +106,18 @@ def test_train_on_the_gpu_eager_and_compiled(tmp_path):
     if any(key in torch.cuda.get_device_name() for key in GPU_PEAK_FLOPS):
         assert 0 < logs[False][-1]['mfu'] < 1
     assert os.path.getsize(tmp_path / 'out-True' / 'ckpt.pt') > 0
+
+
+@gpu_only
+def test_fsdp_trains_compiled_on_one_gpu(tmp_path):
+    """FSDP2 with torch.compile and bf16 mixed precision, one GPU a world of one, two steps and a
+    sharded save; then resumed for one more."""
+    run_script('prepare_data.py', '--tokenizer=char', cwd=tmp_path)
+    args = ['--n_layer=2', '--n_head=2', '--n_embd=128', '--block_size=256', '--batch_size=8', '--eval_interval=2',
+            '--eval_iters=2', '--log_interval=1', '--fsdp=True', '--compile=True', '--activation_checkpointing=True']
+    run_script('train.py', *args, '--max_iters=2', '--out_dir=out-fsdp', cwd=tmp_path, timeout=600)
+    assert (tmp_path / 'out-fsdp' / 'ckpt.dcp' / 'run.json').exists()
+    run_script('train.py', '--init_from=resume', '--out_dir=out-fsdp', '--max_iters=3', cwd=tmp_path, timeout=600)
+    with open(tmp_path / 'out-fsdp' / 'log.jsonl') as f:
+        losses = [json.loads(line)['loss'] for line in f if '"loss"' in line]
+    assert len(losses) == 3 and all(l == l for l in losses)  # no NaN

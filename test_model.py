@@ -23,7 +23,21 @@ def test_preset_sizes(preset, expected):
 
 
 def test_swiglu_width():
+    """LLaMA's width for the paper's models; for small ones a finer multiple, so that the MLP keeps
+    about 8/3 of n_embd instead of 4 (341 would round to 512 at n_embd 128)."""
     assert [swiglu_hidden(d) for d in (512, 768, 1024, 2048)] == [1536, 2048, 2816, 5632]
+    assert [swiglu_hidden(d) for d in (32, 64, 128, 256, 384)] == [96, 192, 384, 768, 1024]
+
+
+def test_a_checkpoint_saved_before_the_small_width_rule_loads():
+    """A small model saved when its SwiGLU width was 512 (model_args without n_hidden) keeps that width."""
+    torch.manual_seed(0)
+    old = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=1, n_head=2, n_embd=128, n_hidden=512))
+    args = {k: v for k, v in vars(old.config).items() if k != 'n_hidden'}
+    loaded = model_from_checkpoint(dict(model=old.state_dict(), model_args=args))
+    assert loaded.config.n_hidden == 512 and swiglu_hidden(128) == 384
+    idx = torch.randint(0, 40, (1, 16))
+    torch.testing.assert_close(loaded(idx, idx)[0], old(idx, idx)[0])
 
 
 def every_path_agrees(model, idx):
@@ -263,3 +277,19 @@ def test_generation_keeps_the_sink_token_first(pos_enc):
 def test_peak_flops_by_gpu_name(name, flops):
     """MFU's denominator: each GPU's dense bf16 peak, the H100 variants told apart."""
     assert peak_flops_of(name) == flops
+
+
+def test_compiled_generation_equals_eager_and_compiles_a_few_graphs():
+    """sample.py --compile=True: the forward compiled for any length (dynamic shapes) gives eager's
+    tokens through the KV cache, past block_size too, with a few graphs (the prompt, the steps
+    before the window fills, after, and after the cache moves), not one per token."""
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)).eval()
+    idx = torch.randint(0, 50, (2, 5))
+    eager = model.generate(idx, 40, temperature=0)
+    torch._dynamo.reset()
+    counters.clear()
+    model.forward = torch.compile(model.forward, dynamic=True)
+    assert torch.equal(model.generate(idx, 40, temperature=0), eager)
+    assert 1 < counters['stats']['unique_graphs'] <= 6, counters['stats']

@@ -196,9 +196,107 @@ def test_fine_tune_with_stablemask_then_sample(hf_folder, tmp_path):
     assert result.returncode == 1 and 'was trained on the hf tokenizer but data/pydoc_char is tokenized with char' in result.stderr
 
 
-def test_sinks_before_and_after_a_stablemask_fine_tune(hf_folder, tmp_path):
+def test_sinks_pretrained_switched_and_fine_tuned(hf_folder, tmp_path):
+    """experiments.py sinks --init_from: three states apart (pretrained, the mask switched with no
+    update, fine-tuned), by layer, and a summary with each state's validation loss."""
     out = run_script('experiments.py', 'sinks', f'--init_from={hf_folder}', '--steps=3', '--plot=False', cwd=tmp_path).stdout
     rows = [[c.strip() for c in line.strip('|').split('|')] for line in out.splitlines() if line.startswith('| ') and line[2].isdigit()]
     assert len(rows) == 2  # one per layer
-    for layer, before, after, pseudo in rows:
-        assert 0 <= float(before) <= 100 and 0 <= float(after) <= 100 and 0 < float(pseudo) < 100
+    for layer, *first, pseudo_switched, pseudo_tuned in rows:
+        assert all(0 <= float(f) <= 100 for f in first) and 0 < float(pseudo_switched) < 100 and 0 < float(pseudo_tuned) < 100
+        assert float(first[1]) < float(first[0])  # switched: some of the first token's share now goes to the pseudo columns
+    assert re.search(r'training loss \d+\.\d+ at its first step, \d+\.\d+ at its last', out)
+    summary = [line for line in out.splitlines() if line.startswith(('| pretrained', '| StableMask'))]
+    assert len(summary) == 3 and all(float(line.split('|')[2]) > 0 for line in summary)
+
+
+# ---------------------------------------------------------------------------------------------------
+# a real trained model: SmolLM2-135M-Instruct (conftest.smollm2)
+
+
+@pytest.fixture(scope='module')
+def real(smollm2):
+    """The real model's folder, transformers' model of it (fp32, sdpa) and its tokenizer."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32, attn_implementation='sdpa').eval()
+    return smollm2, hf, tokenizers.Tokenizer.from_file(os.path.join(smollm2, 'tokenizer.json'))
+
+
+def real_text_ids(tokenizer, shakespeare_txt, n):
+    return torch.tensor([tokenizer.encode(open(shakespeare_txt).read()[:4000], add_special_tokens=False).ids[:n]])
+
+
+@pytest.mark.parametrize('impl,tolerance', [('sdpa', 0.0), ('reference', 1e-5), ('triton', 1e-5)])
+def test_real_model_logits_equal_transformers(real, shakespeare_txt, impl, tolerance):
+    """Our fp32 logits of 48 tokens of real text are transformers', on every attention path (bit for
+    bit on sdpa, the path transformers takes too); the model is the GQA one the GGUF file holds."""
+    folder, hf, tokenizer = real
+    idx = real_text_ids(tokenizer, shakespeare_txt, 48)
+    ours = GPT.from_pretrained(folder, attn_impl=impl).eval()
+    assert (ours.config.n_layer, ours.config.n_head, ours.config.n_kv_head, ours.config.tie_embeddings) == (30, 9, 3, True)
+    with torch.no_grad():
+        logits, theirs = ours(idx, targets=idx)[0], hf(idx).logits
+    assert relative_error(logits, theirs) <= tolerance, relative_error(logits, theirs)
+
+
+def test_real_model_greedy_generation_equals_transformers(real):
+    """Greedy decoding through our KV cache gives transformers' tokens, and they are sensible English."""
+    folder, hf, tokenizer = real
+    prompt = torch.tensor([tokenizer.encode('The capital of France is', add_special_tokens=False).ids])
+    ours = GPT.from_pretrained(folder).eval()
+    mine = ours.generate(prompt, 30, temperature=0)[0, prompt.size(1):].tolist()
+    theirs = hf.generate(prompt, max_new_tokens=30, do_sample=False)[0, prompt.size(1):].tolist()
+    assert mine == theirs
+    assert 'Paris' in tokenizer.decode(mine)
+
+
+def test_real_model_fine_tunes_into_stablemask_from_its_causal_loss(real, shakespeare_txt, tmp_path):
+    """prepare_data.py with the model's tokenizer on one long document (cut where the tokenizer allows,
+    so both splits have text), then a StableMask fine-tune with a mask warm-up: its first evaluation
+    is the causal model's, to 1e-4, where the mask switched at once costs the real model; it trains,
+    and its checkpoint chats."""
+    folder, hf, tokenizer = real
+    run_script('prepare_data.py', '--input', shakespeare_txt, f'--tokenizer={folder}', '--name=shakespeare', cwd=tmp_path)
+    meta = json.loads((tmp_path / 'data' / 'shakespeare' / 'meta.json').read_text())
+    assert meta['train_tokens'] > 5000 and meta['val_tokens'] > 500
+    common = [f'--init_from={folder}', '--dataset=shakespeare', '--block_size=64', '--batch_size=2', '--eval_iters=2', '--device=cpu']
+    step0 = re.compile(r'step 0: train loss [\d.]+, val loss ([\d.]+)')
+    first_val = {}
+    for name, mask in (('causal', 'causal'), ('abrupt', 'stablemask')):  # evaluations only: nothing written
+        out = run_script('train.py', *common, f'--attn_mask={mask}', '--eval_only=True', '--out_dir=out-eval', cwd=tmp_path).stdout
+        first_val[name] = float(step0.search(out).group(1))
+    run_script('train.py', *common, '--attn_mask=stablemask', '--mask_warmup_iters=3', '--max_iters=3', '--eval_interval=3',
+               '--learning_rate=3e-5', '--warmup_iters=0', '--out_dir=out-warm', cwd=tmp_path, timeout=600)
+    log = [json.loads(line) for line in (tmp_path / 'out-warm' / 'log.jsonl').read_text().splitlines()]
+    assert abs(log[0]['val_loss'] - first_val['causal']) < 1e-4, (log[0], first_val)
+    assert first_val['abrupt'] > first_val['causal'] + 0.1, first_val  # the switch alone costs the real model
+    assert [r['iter'] for r in log if 'val_loss' in r] == [0, 3] and all(np.isfinite(r.get('loss', 0)) for r in log)
+    assert not (tmp_path / 'out-eval').exists()
+
+
+def test_real_model_chats(real, tmp_path):
+    """--chat=True puts the prompt in the folder's chat template (rendered in jinja2's sandbox) and the
+    answer ends at the end of its turn; --show_special=True writes the template's tokens."""
+    pytest.importorskip('jinja2')
+    folder, hf, tokenizer = real
+    args = [f'--init_from={folder}', '--chat=True', '--start=What is the capital of France?', '--num_samples=1',
+            '--temperature=0', '--max_new_tokens=60', '--device=cpu']
+    plain = run_script('sample.py', *args, cwd=tmp_path).stdout
+    answer = plain.split('assistant\n', 1)[1].split('\n---------------\n')[0]
+    assert 'Paris' in answer and len(answer) < 100 and '<|im_start|>' not in plain  # it stopped at the end of its turn
+    special = run_script('sample.py', *args, '--show_special=True', cwd=tmp_path).stdout
+    assert special.startswith('<|im_start|>system') and '<|im_start|>user\nWhat is the capital of France?<|im_end|>' in special
+    assert special.split('\n---------------\n')[0].endswith('<|im_end|>')
+
+
+def test_real_tokenizer_cuts_a_long_document_exactly(real, shakespeare_txt):
+    """One long document with SmolLM2's tokenizer is cut where GPT-2's BPE is (so the same text is
+    held out), each cut checked, and its sections' tokens, joined, are the tokenizer's on the whole."""
+    from corpus import sections
+    from prepare_data import cut_rule
+    from pretrained import tokenizer_meta
+    folder, hf, tokenizer = real
+    text = open(shakespeare_txt).read()
+    cut = list(sections([(text, True)], cut_rule(tokenizer_meta(folder))))
+    assert len(cut) > 20 and [t for t, _ in cut] == [t for t, _ in sections([(text, True)], True)]
+    ids = lambda t: tokenizer.encode(t, add_special_tokens=False).ids
+    assert [i for t, _ in cut for i in ids(t)] == ids(text)

@@ -145,8 +145,25 @@ def test_finetune_causal_model_as_stablemask(workdir, tmp_path):
     assert 'the character tables of out-causal/ckpt.pt (103 characters) and data/other_char (4) differ' in result.stderr
 
 
+def test_mask_warmup_starts_from_the_causal_model(workdir):
+    """A causal model fine-tuned into StableMask with mask_warmup_iters starts at the causal model's
+    loss (its pseudo mass starts at none); switched at once, the loss jumps."""
+    run_script('train.py', *TINY, '--attn_mask=causal', '--max_iters=60', '--eval_interval=60', '--out_dir=out-warm-src', cwd=workdir)
+    first_val = lambda out: next(r['val_loss'] for r in read_log(workdir / out) if 'val_loss' in r)
+    losses = {}
+    for name, extra in (('causal', ['--attn_mask=causal']), ('warm', ['--mask_warmup_iters=20']), ('abrupt', [])):
+        run_script('train.py', '--init_from=out-warm-src', '--attn_mask=stablemask' if name != 'causal' else '--attn_mask=causal',
+                   *extra, '--max_iters=20', '--eval_interval=20', '--eval_iters=4', '--batch_size=8', '--learning_rate=1e-3',
+                   f'--out_dir=out-warm-{name}', cwd=workdir)
+        losses[name] = first_val(f'out-warm-{name}')
+    assert abs(losses['warm'] - losses['causal']) < 1e-4, losses
+    assert abs(losses['abrupt'] - losses['causal']) > 1e-3, losses
+    assert load_checkpoint(str(workdir / 'out-warm-warm'))['model_args']['sm_offset'] == 0.0  # the warm-up is the run's, not the model's
+
+
 @pytest.mark.parametrize('args,message', [
     (['--bogus=1'], "unknown config key 'bogus'"),
+    (['--mask_warmup_iters=10', '--attn_mask=causal'], "mask_warmup_iters=10 grows StableMask's pseudo mass"),
     (['--batch_size=1.5'], 'batch_size=1.5: expected an integer'),
     (['--batch_size=0'], 'batch_size=0: must be >0'),
     (['--dropout=1'], 'dropout=1.0: must be >=0 and <1'),
@@ -191,6 +208,7 @@ def test_train_bad_input(tmp_path, args, message):
     (['--top_p=1.5'], 'top_p=1.5: must be >0 and <=1'),
     (['--num_samples=0'], 'num_samples=0: must be >0'),
     (['--device=cuda:99'], "device='cuda:99' is not usable here"),
+    (['--chat=True'], "--chat=True formats the prompt with a Hugging Face model's chat template; this model's tokenizer is char"),
 ])
 def test_sample_bad_input(workdir, trained, args, message):
     result = run_script('sample.py', '--init_from=out-a', *args, cwd=workdir, expect_ok=False)

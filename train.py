@@ -35,9 +35,10 @@ from tqdm import tqdm
 
 from configurator import check_rules, configure_script
 import run_dir
+import sharded
 from corpus import random_windows
 from model import (CONFIG_CHOICES, GPT, GPTConfig, autocast_for, checkpoint_file, gpu_peak_flops, load_checkpoint,
-                   model_from_checkpoint, resolve_device, save_checkpoint)
+                   model_from_checkpoint, resolve_device)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -79,7 +80,11 @@ lr_schedule = 'cosine'  # 'cosine', 'linear' or 'constant'
 warmup_iters = 100
 lr_decay_iters = 0  # 0: max_iters
 min_lr = 1e-4
-# DDP
+# turning a causal model into a StableMask one
+mask_warmup_iters = 0  # the pseudo mass grows from none (the causal model, exactly) to StableMask's, linearly over this many steps
+# many processes (torchrun): DDP replicates the model, FSDP shards it
+fsdp = False  # shard weights, gradients and AdamW's state over the processes (FSDP2; checkpoints sharded too, in ckpt.dcp); one process is a world of one
+activation_checkpointing = False  # recompute each block's activations in the backward instead of keeping them (long sequences)
 backend = 'auto'  # 'nccl' on GPUs, 'gloo' on CPUs
 ddp_timeout = 900  # seconds a process waits for the others (rank 0's evaluation, a first compile) before it gives up
 # system
@@ -93,7 +98,7 @@ RULES = dict(  # what each setting allows; configurator.check_rules applies them
     eval_interval='>0', log_interval='>0', eval_iters='>0', gradient_accumulation_steps='>0', batch_size='>0',
     block_size='>0', n_layer='>0', n_head='>0', n_kv_head='>0', n_embd='>0', dropout='>=0, <1', sm_gamma='>=0', learning_rate='>=0',
     max_iters='>=0', weight_decay='>=0', beta1='>=0, <1', beta2='>=0, <1', grad_clip='>=0', warmup_iters='>=0',
-    lr_decay_iters='>=0', min_lr='>=0', ddp_timeout='>0', peak_flops='>=0', **CONFIG_CHOICES,
+    lr_decay_iters='>=0', min_lr='>=0', mask_warmup_iters='>=0', ddp_timeout='>0', peak_flops='>=0', **CONFIG_CHOICES,
     lr_schedule=('cosine', 'linear', 'constant'), backend=('auto', 'nccl', 'gloo'),
     dtype=('auto', 'float32', 'bfloat16', 'float16'))
 ARCHITECTURE = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'bias', 'pos_enc', 'sink_logit', 'sink_token')  # a checkpoint's own; never changed by resuming or fine-tuning
@@ -141,6 +146,10 @@ def resumed_config(checkpoint):
     return merged
 
 
+def has_checkpoint(folder):
+    return os.path.exists(os.path.join(folder, 'ckpt.pt')) or sharded.is_sharded(folder)
+
+
 def check_against_checkpoint(model_args, source):
     """The architecture comes from the checkpoint: a different one given here is refused, not ignored."""
     for key in ARCHITECTURE + (ATTENTION if init_from == 'resume' else ()):
@@ -155,9 +164,9 @@ checkpoint = None
 if init_from != 'scratch':
     source = out_dir if init_from == 'resume' else init_from
     try:
-        checkpoint = load_checkpoint(source, 'cpu')
+        checkpoint = load_checkpoint(source, 'cpu', weights=not fsdp)  # under FSDP each rank reads its shards later
     except ValueError as e:
-        if init_from == 'resume' and not os.path.exists(os.path.join(out_dir, 'ckpt.pt')) and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
+        if init_from == 'resume' and not has_checkpoint(out_dir) and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
             fail(f"{e}: the run there stopped before its first save; the same command without --init_from=resume starts it again")
         fail(e)
     check_against_checkpoint(checkpoint['model_args'], checkpoint_file(source))
@@ -175,6 +184,13 @@ try:
 except ValueError as e:
     fail(e)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+if init_from == 'resume' and fsdp != ('sharded' in checkpoint):
+    fail(f"{out_dir} holds a {'sharded' if 'sharded' in checkpoint else 'single-file'} checkpoint: it resumes with "
+         f"--fsdp={'sharded' in checkpoint} (python sharded.py {out_dir} makes a sharded one a single file)")
+if fsdp and dtype == 'float16':
+    fail("fsdp=True takes bfloat16 or float32 (float16's loss scaling is not sharded here)")
+if mask_warmup_iters and attn_mask != 'stablemask':
+    fail(f"mask_warmup_iters={mask_warmup_iters} grows StableMask's pseudo mass, but attn_mask={attn_mask!r}: pass --attn_mask=stablemask")
 if gradient_accumulation_steps % world_size:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not a multiple of the {world_size} processes: "
          f"pass --gradient_accumulation_steps={world_size * max(1, gradient_accumulation_steps // world_size)} "
@@ -243,16 +259,21 @@ def get_batch(split, generator):
     return x.to(device), y.to(device)
 
 
-# processes: DDP when torchrun set RANK
+# processes: DDP or FSDP when torchrun set RANK; FSDP in one process is a world of one
+if backend == 'auto':
+    backend = 'nccl' if device_type == 'cuda' else 'gloo'
+if device_type == 'cuda':
+    torch.cuda.set_device(device)
 if ddp:
-    if backend == 'auto':
-        backend = 'nccl' if device_type == 'cuda' else 'gloo'
-    if device_type == 'cuda':
-        torch.cuda.set_device(device)
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=ddp_timeout))
+elif fsdp:
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 gradient_accumulation_steps //= world_size  # now per process
+CHECKPOINT = sharded.LINK if fsdp else 'ckpt.pt'  # what this run saves in out_dir
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 dtype, autocast = autocast_for(device_type, dtype)
+if fsdp:
+    autocast = nullcontext()  # FSDP's mixed-precision policy casts the weights instead (sharded.mixed_precision)
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
@@ -282,7 +303,7 @@ def out_dir_problem():
     except ValueError as e:
         return str(e)
     problem = None
-    if init_from != 'resume' and not overwrite and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
+    if init_from != 'resume' and not overwrite and has_checkpoint(out_dir):
         problem = (f"{out_dir} holds a run already: continue it with --init_from=resume, choose another --out_dir, "
                    f"or replace it with --overwrite=True")
     elif init_from not in ('scratch', 'resume') and os.path.abspath(checkpoint_file(init_from)) == os.path.abspath(os.path.join(out_dir, 'ckpt.pt')):
@@ -314,45 +335,62 @@ if not eval_only:  # an evaluation only reads the run
 
 # model
 iter_num, best_val_loss = 0, math.inf
+lazy = fsdp and checkpoint is not None and 'model' not in checkpoint  # sharded, or a Hugging Face folder: each rank reads its part
 try:
     if init_from == 'scratch':
-        model = GPT(GPTConfig(**model_args))
+        model = GPT(GPTConfig(**model_args))  # every rank alike (the seed); under FSDP each then keeps its shards
+    elif lazy:
+        with torch.device('meta'):  # no memory until sharded
+            model = GPT(GPTConfig(**model_args))
     else:
         model = model_from_checkpoint(checkpoint, **adjusted)
-        if model.config.vocab_size < meta['vocab_size']:
-            fail(f"{data_dir} has a vocabulary of {meta['vocab_size']}, the model's is {model.config.vocab_size}")
-        if init_from == 'resume':
-            iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-        else:
-            checkpoint = None  # fine-tuning starts a fresh optimizer and schedule
-            say(f"fine-tuning {init_from}: {', '.join(f'{k}={model_args[k]}' for k in ADJUSTABLE)}")
 except ValueError as e:
     fail(f"{checkpoint_file(source)}: {e}" if init_from != 'scratch' else e)
-model.to(device)
+if init_from != 'scratch':
+    if model.config.vocab_size < meta['vocab_size']:
+        fail(f"{data_dir} has a vocabulary of {meta['vocab_size']}, the model's is {model.config.vocab_size}")
+    if init_from == 'resume':
+        iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+    else:  # fine-tuning starts a fresh optimizer and schedule
+        say(f"fine-tuning {init_from}: {', '.join(f'{k}={model_args[k]}' for k in ADJUSTABLE)}")
+model.activation_checkpointing = activation_checkpointing
+if fsdp:
+    model = sharded.shard(model if lazy else model.to(device), sharded.mixed_precision(dtype))
+    if lazy:
+        model.to_empty(device=device)
+        model.set_constants(device)
+else:
+    model.to(device)
 raw_model = model
 cfg = raw_model.config  # what was actually built or loaded, for the start-up line
 
 optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
-if checkpoint is not None:
+if lazy and 'sharded' in checkpoint:
+    sharded.load(model, optimizer if init_from == 'resume' else None, checkpoint['sharded'])
+elif lazy:
+    sharded.load_pretrained(model, checkpoint['pretrained'])
+elif init_from == 'resume':
     optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
-resumed_at = saved_at = iter_num if checkpoint is not None else None
+resumed_at = saved_at = iter_num if init_from == 'resume' else None
 checkpoint = None  # free the memory
 if compile:
     model = torch.compile(model)
-if ddp:
+if ddp and not fsdp:
     model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 
 
 def save():
     """out_dir/ckpt.pt, atomically; a disk that refuses it ends the run in one line, the last checkpoint whole."""
     global saved_at
-    checkpoint = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                      model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config, meta=meta)
-    path = os.path.join(out_dir, 'ckpt.pt')
+    run = dict(model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config, meta=meta)
+    path = os.path.join(out_dir, CHECKPOINT)
     try:
-        save_checkpoint(checkpoint, path)
+        if fsdp:  # every rank writes its shards
+            sharded.save(model, optimizer, run, out_dir, master)
+        else:
+            run_dir.save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), **run), path)
     except OSError as e:
         free = shutil.disk_usage(out_dir).free / 2**20
         kept = f"the checkpoint of step {saved_at} is kept" if saved_at is not None else "no checkpoint was saved"
@@ -371,7 +409,7 @@ def estimate_loss():
         for s, split in enumerate(('train', 'val')):
             total = 0.0
             for k in range(eval_iters):
-                if stop_signal is not None:
+                if stop_signal is not None if not fsdp else stop_requested():  # FSDP: every rank evaluates, so all decide
                     return None
                 x, y = get_batch(split, batch_generator(1 + s, k))
                 with autocast:
@@ -380,6 +418,15 @@ def estimate_loss():
     finally:
         raw_model.train()
     return losses
+
+
+def pseudo_scale(it):
+    """The share of StableMask's pseudo mass at step it: 0 at the first step of a mask warm-up (the
+    causal model's loss, exactly), then growing linearly to 1. Linear in the mass, not in its log:
+    while the mass is small, what a row gives the virtual key, about mass / (real mass), and so the
+    change to every output, grows in proportion, a step at a time; a ramp of the log would spend
+    most steps at no mass and switch at the end."""
+    return 1.0 if it >= mask_warmup_iters else it / mask_warmup_iters
 
 
 def get_lr(it):
@@ -402,12 +449,14 @@ def prepare_out_dir():
     """Make out_dir ready for this run: no temporary checkpoint left by a killed save, a fresh log
     for a new run, and for a resumed one no rows past its checkpoint's step."""
     run_dir.remove_stale_temporaries(out_dir)
+    sharded.remove_stale(out_dir)
     if init_from == 'resume':
         run_dir.trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
         return
     for name in ('ckpt.pt', 'log.jsonl'):  # a log without a checkpoint, or overwrite=True (checked above)
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
+    sharded.remove(out_dir)
 
 
 stop_signal = None
@@ -438,14 +487,16 @@ def train():
     t_last, iter_last = time.time(), iter_num
     stopping = False  # with DDP, decided by all processes together at an evaluation or a log step
     while True:
+        raw_model.scale_pseudo_mass(pseudo_scale(iter_num))
         if not stopping and (eval_only or iter_num % eval_interval == 0 and iter_num != resumed_at):
-            losses = estimate_loss() if master else None  # the others wait in stop_requested
+            losses = estimate_loss() if master or fsdp else None  # under DDP the others wait in stop_requested
             if losses is not None:
                 best_val_loss = min(best_val_loss, losses['val'])
-                bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                if not eval_only:
+                if master:
+                    bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if master and not eval_only:
                     log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val']))
-            if master and iter_num > 0 and not eval_only:
+            if (master or fsdp) and iter_num > 0 and not eval_only:
                 save()  # even when a stop abandoned the evaluation
             stopping = stop_requested()
             t_last = time.time()  # evaluation is not training time
@@ -461,7 +512,9 @@ def train():
             x, y = get_batch('train', batch_generator(0, iter_num, index))
             torch.manual_seed(key_seed(3, iter_num, index))  # dropout too is the micro-batch's, on any number of processes
             last = micro_step == gradient_accumulation_steps - 1
-            with model.no_sync() if ddp and not last else nullcontext():  # all-reduce gradients once per step
+            if fsdp:
+                model.set_requires_gradient_sync(last)  # reduce-scatter gradients once per step
+            with model.no_sync() if ddp and not fsdp and not last else nullcontext():  # all-reduce gradients once per step
                 with autocast:
                     loss = model(x, y)[1] / gradient_accumulation_steps
                 scaler.scale(loss).backward()
@@ -492,11 +545,11 @@ def train():
                                 **({'mfu': f"{100 * mfu:.1f}%"} if mfu else {}))
                 log(dict(iter=iter_num, loss=stats[0].item(), lr=lr, tokens_per_sec=tokens_per_sec, mfu=mfu))
     bar.close()
-    if master and not eval_only and iter_num != saved_at:
+    if (master or fsdp) and not eval_only and iter_num != saved_at:
         save()
     if master and stopping:
-        print(f"stopped by a signal at step {iter_num}; saved {out_dir}/ckpt.pt (continue with --init_from=resume)")
-    if ddp:
+        print(f"stopped by a signal at step {iter_num}; saved {out_dir}/{CHECKPOINT} (continue with --init_from=resume)")
+    if ddp or fsdp:
         dist.barrier()  # the others wait for rank 0's last save; gloo can abort on a peer's early exit
         dist.destroy_process_group()
 
@@ -518,5 +571,5 @@ except RuntimeError as e:  # gloo reports a peer that froze (ddp_timeout) or die
     if bar is not None:
         bar.close()
     print(f"train.py: error: rank {rank}: lost the other processes ({reason[:200]}); the last checkpoint is "
-          f"{out_dir}/ckpt.pt", file=sys.stderr, flush=True)  # every survivor says so: rank 0 may be the one lost
+          f"{out_dir}/{CHECKPOINT}", file=sys.stderr, flush=True)  # every survivor says so: rank 0 may be the one lost
     os._exit(1)  # the process group cannot be shut down cleanly without the lost peer (and os._exit flushes nothing)
