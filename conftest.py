@@ -11,6 +11,11 @@ import torch
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE = os.path.join(REPO, 'testdata', 'shakespeare_excerpt.txt')  # the first 40 kB of Tiny Shakespeare
 TIKTOKEN_CACHE = os.path.join(REPO, '..', 'shared', 'tiktoken_cache')  # beside the checkout on the project's machines
+# Under pytest-xdist the cores are split between the workers: more threads than cores makes PyTorch's
+# OpenMP threads spin against each other, a 300-step run then takes minutes instead of seconds.
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')))
+os.environ.setdefault('OMP_NUM_THREADS', str(THREADS))
+torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
 
 if os.environ.get('STABLEMASK_DRY_RUN') == '1':  # gpu_check.py --dry_run: count what the GPU run compiles
     import model
@@ -52,7 +57,7 @@ def run_script(script, *args, cwd, expect_ok=True, timeout=300, torchrun=0):
     launcher = [sys.executable]
     if torchrun:
         launcher += ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}']
-    env = {**os.environ, 'OMP_NUM_THREADS': '1' if torchrun else os.environ.get('OMP_NUM_THREADS', '2')}
+    env = {**os.environ, 'OMP_NUM_THREADS': '1' if torchrun else os.environ['OMP_NUM_THREADS']}
     result = subprocess.run([*launcher, os.path.join(REPO, script), *map(str, args)], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if expect_ok and result.returncode != 0:

@@ -89,9 +89,8 @@ def test_sigterm_saves_and_resume_is_exact(workdir):
     the RNG state travels in the checkpoint; batches depend only on the step)."""
     args = [*TINY, '--dropout=0.1', '--max_iters=300', '--eval_interval=100']
     run_script('train.py', *args, '--out_dir=out-full', cwd=workdir)
-    env = {**os.environ, 'OMP_NUM_THREADS': '2'}
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'train.py'), *args, '--out_dir=out-part'],
-                            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log_path = workdir / 'out-part' / 'log.jsonl'
     deadline = time.time() + 120
     while not (log_path.exists() and any(json.loads(line).get('iter', 0) >= 20 for line in log_path.read_text().splitlines())):
