@@ -131,6 +131,18 @@ def sdpa_causal(backend=None):
     return attend
 
 
+def forced(module, name, value, attend):
+    """attend with module.name set to value while its forward runs (its backward keeps the choice)."""
+    def run(q, k, v):
+        before = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            return attend(q, k, v)
+        finally:
+            setattr(module, name, before)
+    return run
+
+
 def implementations(gamma):
     """name -> attention(q, k, v); the first is the baseline the ratios are taken against. The sink
     rows are causal attention with a learned sink logit per head (gpt-oss's), differentiated too."""
@@ -140,13 +152,20 @@ def implementations(gamma):
                 'sdpa causal + sink logit (ours)': lambda q, k, v: stablemask_sdpa(q, k, v, None, sink=sink),
                 'reference StableMask': lambda q, k, v: stablemask_reference(q, k, v, gamma)}
     from torch.nn.attention import SDPBackend
+    import stablemask_kernel
+    import stablemask_sdpa as sdpa_module
     from stablemask_kernel import stablemask_attention
+    flash = lambda device_type, dtype, head_dim, has_bias, capability=None: ('flash', -(-head_dim // 8) * 8)
     return {'SDPA causal, flash': sdpa_causal(SDPBackend.FLASH_ATTENTION),
             'SDPA causal, cuDNN': sdpa_causal(SDPBackend.CUDNN_ATTENTION),
             'Triton StableMask (ours)': lambda q, k, v: stablemask_attention(q, k, v, gamma),
+            'Triton StableMask, dQ by its own kernel (ours)':
+                forced(stablemask_kernel, 'DQ', 'separate', lambda q, k, v: stablemask_attention(q, k, v, gamma)),
             'Triton causal + sink logit (ours)': lambda q, k, v: stablemask_attention(q, k, v, None, sink=sink),
             'Triton StableMask + sink logit (ours)': lambda q, k, v: stablemask_attention(q, k, v, gamma, sink=sink),
             'sdpa StableMask (ours)': lambda q, k, v: stablemask_sdpa(q, k, v, gamma),
+            'sdpa StableMask on flash (ours)': forced(sdpa_module, 'fused_kernel', flash,
+                                                      lambda q, k, v: stablemask_sdpa(q, k, v, gamma)),
             **({'Flex StableMask': flex_stablemask(gamma)} if flex and not quick else {}),
             'reference StableMask': lambda q, k, v: stablemask_reference(q, k, v, gamma)}
 

@@ -19,8 +19,11 @@ torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
 
 if os.environ.get('STABLEMASK_DRY_RUN') == '1':  # gpu_check.py --dry_run: count what the GPU run compiles
     import model
-    model.AUTO_IMPL['cpu'] = 'triton'  # attn_impl='auto' takes the kernel there
+    rule = model.auto_impl
+    model.auto_impl = lambda device_type, alibi, window: rule('cuda', alibi, window)  # attn_impl='auto' as on a GPU
 
+os.environ.setdefault('HF_HUB_OFFLINE', '1')  # transformers, datasets and lm_eval read local folders and files only
+os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 if os.path.isdir(TIKTOKEN_CACHE):
     os.environ.setdefault('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)  # GPT-2's BPE without a download
 

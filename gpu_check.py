@@ -17,7 +17,7 @@ test it was in, and what each step compiled; then the benchmark's tables.
   kernel_float32  test_kernel.py on the GPU: every implementation against float64 over many shapes,
   kernel_variants grouped-query attention, sink logits, pseudo lengths, extreme decays,
   kernel_suite  and the rest (bf16 included, torch.compile fullgraph)
-  model_suite   test_model.py on the GPU (attn_impl='auto' is the Triton kernel there)
+  model_suite   test_model.py on the GPU (attn_impl='auto' as there: the sdpa path, the Triton kernel for ALiBi)
   bench         bench.py --quick: attention forward+backward at T = 2k, 4k, 8k, head dim 128, bf16,
                 against SDPA's flash and cuDNN kernels; the 160M model, StableMask against causal
 The correctness steps autotune by taking the first configuration that fits (each configuration is

@@ -3,8 +3,8 @@ A GPT whose attention uses StableMask (Yin et al., ICML 2024), in one file.
 
 StableMask replaces the causal mask with one that adds pseudo-attention mass to every softmax row
 (paper Eq. 11). README.md's "The method" gives every formula used here; the pieces, top to bottom:
-1) the attention itself: the closed-form pseudo mass, the readable reference (Eq. 11 as written),
-   and the fast path through PyTorch's fused attention,
+1) the attention itself: the readable reference (Eq. 11 as written) and the choice among it, the
+   fast path through PyTorch's fused attention (stablemask_sdpa.py) and the Triton kernel,
 2) the LLaMA-style model of the paper: RMSNorm, SwiGLU, no biases, RoPE / ALiBi / learned / none,
 3) generation with a KV cache under the paper's SM-I inference, and checkpoint loading.
 """
@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
+
+from stablemask_sdpa import log_pseudo_mass, repeat_kv, sdpa_attention  # noqa: F401 (log_pseudo_mass: for the model's users)
 
 if not torch.cuda.is_available():
     # attn_impl='triton' without a GPU runs in Triton's interpreter, which must be chosen before
@@ -37,17 +39,6 @@ def alibi_slopes(n_head):
         return [2 ** (-8 * (h + 1) / n) for h in range(n)]
     p = 2 ** math.floor(math.log2(n_head))
     return torch.tensor(geometric(p) + geometric(2 * p)[0::2][: n_head - p])
-
-
-def log_pseudo_mass(gamma, rows, pseudo_len):
-    """log S_i, the log of the pseudo-attention mass sum_{j=i+1}^{pseudo_len-1} exp(-j*gamma) of each
-    query row i, in closed form (README, The method). gamma (H,) >= 0, rows (Tq,) integer.
-    Returns (H, Tq), float32 (float64 if gamma is); -inf where a row has no pseudo columns."""
-    g = gamma.to(torch.promote_types(gamma.dtype, torch.float32))[:, None]
-    i = rows.to(g.dtype)[None, :]
-    count = (pseudo_len - 1 - i).clamp(min=0)  # pseudo columns j with i < j < pseudo_len
-    decaying = -(i + 1) * g + torch.log(-torch.expm1(-count * g)) - torch.log(-torch.expm1(-g))
-    return torch.where(g > 0, decaying, torch.log(count))  # g = 0: every pseudo score is 0
 
 
 def stablemask_weights(q, k, gamma, alibi=None, pseudo_len=None, window=None, offset=0.0, sink=None):
@@ -96,170 +87,32 @@ def stablemask_reference(q, k, v, gamma, alibi=None, pseudo_len=None, window=Non
     return (W @ repeat_kv(v, q.size(1)).to(W.dtype)).to(q.dtype)
 
 
-def repeat_kv(x, n_head):
-    """(B, H_kv, T, D) keys or values with each head repeated for the n_head // H_kv query heads it serves."""
-    return x if x.size(1) == n_head else x.repeat_interleave(n_head // x.size(1), dim=1)
-
-
-def attention_bias(alibi, window, Tq, T, dtype, device):
-    """Additive bias for fused attention ops, (1, H or 1, Tq, T): the causal mask, the keys a sliding
-    window has dropped (or no window: None), and ALiBi's bias (or none: alibi None). The queries are
-    the last Tq of T positions. The rows are padded to a multiple of 16 elements because the CUDA
-    memory-efficient kernel needs aligned bias rows."""
-    i = torch.arange(T - Tq, T, device=device)[:, None]
-    j = torch.arange(T, device=device)[None, :]
-    bias = torch.zeros(1, Tq, T, device=device) if alibi is None else -alibi.view(-1, 1, 1).float() * (i - j)
-    hidden = (j > i) if window is None else (j > i) | (j <= i - window)
-    bias = bias.masked_fill(hidden, -math.inf).to(dtype)
-    padded = torch.empty(1, bias.size(0), Tq, -(-T // 16) * 16, dtype=dtype, device=device)
-    padded[..., :T] = bias
-    return padded[..., :T]
-
-
-def fused_kernel(device_type, dtype, head_dim, has_bias, capability=None):
-    """Which of PyTorch's fused attention kernels computes the causal part, and the head dim it
-    needs: the CPU's flash kernel takes any; CUDA's flash kernel (fp16/bf16, no bias, head dims up
-    to 256, sm80 and newer) and memory-efficient one (the rest) want multiples of 8, so other head
-    dims are zero-padded up to one (zero columns change no dot product; the scale stays 1/sqrt(D))."""
-    if device_type == 'cpu':
-        return 'cpu', head_dim
-    width = -(-head_dim // 8) * 8
-    flash = not has_bias and dtype in (torch.float16, torch.bfloat16) and width <= 256 and capability >= (8, 0)
-    return 'flash' if flash else 'efficient', width
-
-
-def _fused_forward(kind, q, k, v, bias, causal, scale):
-    """PyTorch's fused attention, returning the output, its log-sum-exp (natural log, float32, per
-    row; padded past Tq on some kernels) and what the matching backward needs."""
-    aten = torch.ops.aten
-    if kind == 'cpu':
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
-        return out, lse, ()
-    if kind == 'flash':
-        out, lse, cu_q, cu_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, causal, scale=scale)
-        return out, lse, (cu_q, cu_k, max_q, max_k, seed, offset)
-    bias_b = None if bias is None else bias.expand(q.size(0), q.size(1), -1, -1)
-    out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(q, k, v, bias_b, True, 0.0, causal, scale=scale)
-    return out, lse, (bias_b, seed, offset)
-
-
-def _fused_backward(kind, do, q, k, v, out, lse, bias, causal, scale, saved):
-    aten = torch.ops.aten
-    if kind == 'cpu':
-        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale)
-    if kind == 'flash':
-        cu_q, cu_k, max_q, max_k, seed, offset = saved
-        return aten._scaled_dot_product_flash_attention_backward(
-            do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, causal, seed, offset, scale=scale)
-    bias_b, seed, offset = saved
-    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-        do, q, k, v, bias_b, out, lse, seed, offset, 0.0, [True, True, True, False], causal, scale=scale)
-    return dq, dk, dv
-
-
-def stablemask_fused(q, k, v, log_mass, bias, for_backward=False):
-    """StableMask through PyTorch's fused causal attention, corrected by the virtual key (below): the
-    output at the kernel's head dim, and with for_backward what the fused backward needs: (q, k, v
-    padded to that width, the log-sum-exp with the virtual mass, causal, the kernel, its values)."""
-    causal = bias is None and q.size(-2) > 1  # a bias already holds the causal mask
-    D = q.size(-1)
-    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
-    kind, width = fused_kernel(q.device.type, q.dtype, D, bias is not None, capability)
-    if width != D:
-        q, k, v = (F.pad(t, (0, width - D)) for t in (q, k, v))
-    out, lse, saved = _fused_forward(kind, q, k, v, bias, causal, 1 / math.sqrt(D))
-    Tq = q.size(-2)
-    rows = lse if lse.size(-1) == Tq else lse[..., :Tq]  # some kernels pad it
-    share = torch.sigmoid(rows - log_mass).unsqueeze(-1)  # of each row's mass, the real keys' share
-    if not for_backward:  # generation: in place, a decode step's few operations counted
-        return out.mul_(share if out.dtype == share.dtype else share.to(out.dtype)), None
-    out = out * share.to(out.dtype)
-    lse_sm = lse.clone()
-    lse_sm[..., :Tq] = torch.logaddexp(lse[..., :Tq], log_mass)
-    return out, (q, k, v, lse_sm, causal, kind, saved)
-
-
-class StableMaskSDPA(torch.autograd.Function):
-    """StableMask through PyTorch's own fused attention (README, The method). StableMask is causal
-    attention plus one virtual key per row of logit log S_i and value 0, so
-        L_i = logaddexp(lse_i, log S_i),   O_i = O_causal_i * exp(lse_i - L_i) = O_causal_i * sigmoid(lse_i - log S_i),
-    and the fused backward, handed this O and L in place of its own, computes StableMask's gradients.
-    The virtual key's logit (log S_i, with a sink logit folded in) gets -P_virtual(i) * Delta_i, with
-    Delta_i = rowsum(dO_i * O_i): what a learned sink logit learns from."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, log_mass, bias):
-        D = q.size(-1)
-        out, (q, k, v, lse_sm, causal, kind, saved) = stablemask_fused(q, k, v, log_mass, bias, for_backward=True)
-        ctx.save_for_backward(q, k, v, out, lse_sm, bias, log_mass)
-        ctx.causal, ctx.kind, ctx.head_dim, ctx.saved = causal, kind, D, saved
-        return out[..., :D]
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse_sm, bias, log_mass = ctx.saved_tensors
-        D = ctx.head_dim
-        do = F.pad(do, (0, q.size(-1) - D)) if q.size(-1) != D else do.contiguous()
-        grads = _fused_backward(ctx.kind, do, q, k, v, out, lse_sm, bias, ctx.causal, 1 / math.sqrt(D), ctx.saved)
-        d_log_mass = None
-        if ctx.needs_input_grad[3]:
-            delta = (do.float() * out.float()).sum(-1)  # (B, H, Tq)
-            d_log_mass = -(torch.exp(log_mass - lse_sm[..., :q.size(-2)]) * delta).sum(0)
-        return (*(g[..., :D] for g in grads), d_log_mass, None)
-
-
 def stablemask_sdpa(q, k, v, gamma, alibi=None, pseudo_len=None, window=None, offset=0.0, sink=None, shared=None):
-    """StableMask attention on PyTorch's fused kernels, the same function as stablemask_reference.
-    Tq must be T (training, prefill) or 1 (a decode step), on a CPU or a CUDA GPU; anything else goes
-    to the reference. shared: a dict the layers of one forward pass share, so that the pseudo mass,
-    the same for all of them, is computed once (GPT.forward passes one). Without a gradient to take
-    (generation) the fused call runs without the autograd.Function around it."""
-    Tq, T = q.size(-2), k.size(-2)
-    if Tq not in (T, 1) or q.device.type not in ('cpu', 'cuda'):
+    """StableMask attention on PyTorch's fused kernels (stablemask_sdpa.py), the same function as
+    stablemask_reference. Tq must be T (training, prefill) or 1 (a decode step), on a CPU or a CUDA
+    GPU; anything else goes to the reference. shared: see stablemask_sdpa.sdpa_attention."""
+    if q.size(-2) not in (k.size(-2), 1) or q.device.type not in ('cpu', 'cuda'):
         return stablemask_reference(q, k, v, gamma, alibi, pseudo_len, window, offset, sink)
-    k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))  # grouped-query attention: autograd sums dK, dV over each group
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the fused kernels read rows as contiguous
-    if window is not None and window >= T:
-        window = None  # it hides nothing
-    bias = None if alibi is None and window is None else attention_bias(alibi, window, Tq, T, q.dtype, q.device)
-    if gamma is None and sink is None:  # the causal baseline needs no correction; PyTorch's dispatcher picks a kernel that fits
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and Tq > 1)
-    log_mass = virtual_logits(gamma, T, Tq, T if pseudo_len is None else pseudo_len, offset, sink, q.size(1), q.device, shared)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or log_mass.requires_grad):
-        return StableMaskSDPA.apply(q, k, v, log_mass, bias)
-    out = stablemask_fused(q, k, v, log_mass, bias)[0]
-    return out if out.size(-1) == q.size(-1) else out[..., :q.size(-1)]
+    return sdpa_attention(q, k, v, gamma, alibi, pseudo_len, window, offset, sink, shared)
 
 
-def virtual_logits(gamma, T, Tq, pseudo_len, offset, sink, n_head, device, shared=None):
-    """(H, Tq): the logit of each row's one virtual key of value 0, which stands for all its extra
-    mass: StableMask's pseudo mass (shifted by offset) and a sink logit, either of them or both. The
-    rows are the last Tq of T; their pseudo mass is kept in shared for the next layer of the pass,
-    whose decays, rows and pseudo_len are the same (a key of sizes would make torch.compile
-    specialise on them)."""
-    if gamma is None:
-        logits = torch.full((n_head, Tq), -math.inf, device=device)
-    else:
-        mass = None if shared is None else shared.get('log pseudo mass')
-        if mass is None:
-            mass = log_pseudo_mass(gamma, torch.arange(T - Tq, T, device=device), pseudo_len)
-            if shared is not None:
-                shared['log pseudo mass'] = mass
-        logits = mass + offset if offset else mass
-    if sink is not None:
-        logits = torch.logaddexp(logits, sink.float().view(-1, 1))
-    return logits
-
-
-AUTO_IMPL = {'cuda': 'triton', 'cpu': 'sdpa'}  # attn_impl='auto' by device type; others take the reference
+def auto_impl(device_type, alibi, window):
+    """attn_impl='auto', the fastest path that is correct where it runs (README, Using the attention
+    alone): on a CPU the sdpa path (the Triton kernel runs in its interpreter there, for tests); on
+    CUDA the sdpa path too, on cuDNN (Hopper on), flash or memory-efficient kernels, except for ALiBi,
+    whose bias those kernels would take as a T x T tensor a head and the Triton kernel computes as it
+    goes; any other device, the reference."""
+    if device_type == 'cpu':
+        return 'sdpa'
+    if device_type == 'cuda':
+        return 'triton' if alibi is not None and window is None else 'sdpa'
+    return 'reference'
 
 
 def attend(q, k, v, gamma, alibi, pseudo_len, impl, window=None, offset=0.0, sink=None, shared=None):
     """Dispatch to one of three implementations of the same function; see GPTConfig.attn_impl."""
     if impl == 'auto':
-        impl = AUTO_IMPL.get(q.device.type, 'reference')
+        impl = auto_impl(q.device.type, alibi, window)
     if window is not None and window >= k.size(-2):
         window = None  # it hides nothing
     if impl == 'triton' and q.size(-2) == k.size(-2) and window is None:  # decode steps and windows use sdpa
@@ -269,6 +122,7 @@ def attend(q, k, v, gamma, alibi, pseudo_len, impl, window=None, offset=0.0, sin
     if impl == 'reference':
         return stablemask_reference(q, k, v, gamma, alibi, pseudo_len, window, offset, sink)
     return stablemask_sdpa(q, k, v, gamma, alibi, pseudo_len, window, offset, sink, shared)
+
 
 # -----------------------------------------------------------------------------
 # The model
@@ -286,7 +140,7 @@ class GPTConfig:
     attn_mask: str = 'stablemask'  # 'stablemask' or 'causal' (the baseline)
     sm_gamma: float = None  # pseudo-score decay: None = per-head ALiBi slopes (paper), a float = every head, 0.0 = ablation
     pos_enc: str = 'rope'  # 'rope', 'alibi', 'learned', 'none'
-    attn_impl: str = 'auto'  # 'auto' (triton on CUDA, sdpa on CPU), 'reference', 'triton', 'sdpa'
+    attn_impl: str = 'auto'  # 'auto' (auto_impl's rule: sdpa, the Triton kernel for ALiBi on CUDA), 'reference', 'triton', 'sdpa'
     rope_base: float = 10000.0
     # what pretrained LLaMA-family checkpoints need (pretrained.py); the defaults are the paper's models
     n_kv_head: int = None  # key/value heads, each shared by n_head // n_kv_head query heads (grouped-query attention); None: n_head
@@ -760,6 +614,16 @@ def load_checkpoint(path, device='cpu', weights=True):
     # checkpoints of a torch.compile'd model (nanoGPT's, say) prefix every key with _orig_mod.
     checkpoint['model'] = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
     return checkpoint
+
+
+def load_model(path, device='cpu', **overrides):
+    """(the GPT, its checkpoint) of load_checkpoint(path), GPTConfig fields overridden. Raises
+    ValueError, one line (naming the file where its tensors are what is wrong)."""
+    checkpoint = load_checkpoint(path, device)
+    try:
+        return model_from_checkpoint(checkpoint, **overrides), checkpoint
+    except ValueError as e:
+        raise ValueError(f"{checkpoint_file(path)}: {e}") from None
 
 
 def model_from_checkpoint(checkpoint, **overrides):

@@ -478,6 +478,29 @@ def write_dataset(dest, splits, files, source, tokenizer, args, workers, max_mal
     return dest, meta
 
 
+def dataset_folder(dataset):
+    """A folder that holds a meta.json, or a name under data/ (not a raw text folder of the same name)."""
+    return dataset if os.path.isfile(os.path.join(dataset, 'meta.json')) else os.path.join('data', dataset)
+
+
+def read_dataset(data_dir):
+    """A prepared dataset's meta.json, after checking that its token files are whole (meta.json is
+    written last). Raises PrepareError, one line, when they are missing, foreign or cut short."""
+    try:
+        with open(os.path.join(data_dir, 'meta.json')) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        raise PrepareError(f"no dataset at {data_dir} (no readable meta.json): make one with prepare_data.py") from None
+    if not isinstance(meta, dict) or not {'train_tokens', 'val_tokens', 'dtype', 'vocab_size', 'tokenizer'} <= meta.keys():
+        raise PrepareError(f"{data_dir}/meta.json was not written by prepare_data.py: rerun it")
+    for split in ('train', 'val'):
+        path = os.path.join(data_dir, f"{split}.bin")
+        expected = meta[f"{split}_tokens"] * np.dtype(meta['dtype']).itemsize
+        if not os.path.isfile(path) or os.path.getsize(path) != expected:
+            raise PrepareError(f"{path} does not match {data_dir}/meta.json: rerun prepare_data.py")
+    return meta
+
+
 def check_malformed(tally, max_malformed, final):
     """Malformed records are skipped, up to a share of all of them; past it the run stops (early,
     once a thousand are seen, rather than after reading terabytes of the wrong thing)."""

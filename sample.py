@@ -17,7 +17,7 @@ import sys
 import torch
 
 from configurator import configure_script
-from model import autocast_for, checkpoint_file, load_checkpoint, model_from_checkpoint, resolve_device
+from model import autocast_for, load_model, resolve_device
 from prepare_data import PrepareError, tokenizer_from_meta
 from pretrained import chat_prompt
 
@@ -52,13 +52,9 @@ def fail(message):
 
 try:
     device = resolve_device(device)
-    checkpoint = load_checkpoint(init_from, device)
+    model, checkpoint = load_model(init_from, device, attn_impl=attn_impl, dropout=0.0)
 except ValueError as e:
     fail(e)
-try:
-    model = model_from_checkpoint(checkpoint, attn_impl=attn_impl, dropout=0.0)
-except ValueError as e:
-    fail(f"{checkpoint_file(init_from)}: {e}")
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 dtype, autocast = autocast_for(device_type, dtype)
 torch.manual_seed(seed)

@@ -101,13 +101,16 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, lo,
         cols = start_n + tl.arange(0, BLOCK_N)
         kT = _rows_t(k_base, cols, stride_kt, T, HEAD_DIM)
         v = _rows(v_base, cols, stride_vt, T, HEAD_DIM)
-        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # logits in log2 units
-        if HAS_ALIBI:
-            s += alibi * (cols[None, :] - rows[:, None])
-        if DIAGONAL:
-            s = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] < T), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
+        qk = tl.dot(q, kT, input_precision=PRECISION)
+        if HAS_ALIBI or DIAGONAL:  # the scale and the bias in one multiply-add, then the mask
+            s = qk * qk_scale + alibi * (cols[None, :] - rows[:, None]) if HAS_ALIBI else qk * qk_scale
+            if DIAGONAL:
+                s = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] < T), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+        else:  # the scale folded into the subtraction: one multiply-add a score (logits in log2 units)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -175,10 +178,12 @@ def _bwd_preprocess(O, DO, Delta, T, H, stride_ob, stride_oh, stride_ot,
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ot, cols, lo, hi, T,
-                    qk_scale, alibi, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    DIAGONAL: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key block over query blocks [lo, hi)."""
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_ot, cols, lo, hi, T,
+                    qk_scale, sm_scale, alibi, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                    DIAGONAL: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi); with ATOMIC_DQ also add each
+    query block's share of dQ into a float32 buffer (FlashAttention-2's 5 products a tile pair;
+    without, the dQ kernel recomputes S and dP: 7)."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         qT = _rows_t(q_base, rows, stride_qt, T, HEAD_DIM)
@@ -195,19 +200,24 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
+        if ATOMIC_DQ:  # this key block's part of dQ = dS K, added by every key block of the head in turn
+            dq = tl.dot(tl.trans(dsT).to(k.dtype), k, input_precision=PRECISION) * sm_scale
+            tl.atomic_add(dq_base + rows[:, None].to(tl.int64) * stride_ot + tl.arange(0, HEAD_DIM)[None, :], dq,
+                          mask=rows[:, None] < T)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Alibi, sm_scale, T, H,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ_ACC, LSE, Delta, Alibi, sm_scale, T, H,
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                    stride_dkb, stride_dkh, stride_dkt, T_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr):
-    """dK and dV of one key block from one query head: walk its query blocks from the diagonal down.
-    With grouped-query attention each of the GROUP query heads of a K/V head is a program of its own
-    (the grid stays B x H), writing its share; the caller sums the group's shares."""
+                   HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """dK and dV of one key block from one query head: walk its query blocks from the diagonal down,
+    and with ATOMIC_DQ add their dQ into DQ_ACC (float32, O's layout) as it goes. With grouped-query
+    attention each of the GROUP query heads of a K/V head is a program of its own (the grid stays
+    B x H), writing its share; the caller sums the group's shares."""
     bh, start_n = _program(T, BLOCK_N, False)  # the first key blocks are the heavy ones here: natural order
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -216,16 +226,17 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, Alibi, sm_scale, T, H,
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_ob + h * stride_oh
     lse_base, delta_base = LSE + bh.to(tl.int64) * T, Delta + bh.to(tl.int64) * T
+    dq_base = DQ_ACC + b * stride_ob + h * stride_oh
     qk_scale = sm_scale * LOG2E
     alibi = tl.load(Alibi + h) * LOG2E if HAS_ALIBI else 0.0
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ot,
-                             cols, start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale, alibi,
-                             HEAD_DIM, BLOCK_M, HAS_ALIBI, True, PRECISION)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_ot,
-                             cols, start_n + BLOCK_N, T, T, qk_scale, alibi,
-                             HEAD_DIM, BLOCK_M, HAS_ALIBI, False, PRECISION)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_ot,
+                             cols, start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale, sm_scale, alibi,
+                             HEAD_DIM, BLOCK_M, HAS_ALIBI, True, PRECISION, ATOMIC_DQ)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_ot,
+                             cols, start_n + BLOCK_N, T, T, qk_scale, sm_scale, alibi,
+                             HEAD_DIM, BLOCK_M, HAS_ALIBI, False, PRECISION, ATOMIC_DQ)
     head = b * stride_dkb + h * stride_dkh  # this query head's share (with GROUP 1, the gradient itself)
     _store_rows(DK + head, cols, stride_dkt, T, dk * sm_scale, HEAD_DIM)
     _store_rows(DV + head, cols, stride_dkt, T, dv, HEAD_DIM)
@@ -297,9 +308,9 @@ CONFIGS = {
     ('fwd', 16, 64): [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
     ('fwd', 32, 128): [(16, 16, 4, 2)],
     ('fwd', 32, 64): [(64, 32, 4, 2), (32, 32, 4, 2)],
-    ('dkdv', 16, 128): [(32, 128, 8, 3), (16, 128, 8, 3), (16, 64, 4, 4)],
+    ('dkdv', 16, 128): [(32, 128, 8, 3), (16, 128, 8, 3), (16, 64, 8, 4)],
     ('dkdv', 16, 64): [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 8, 3), (32, 64, 4, 3)],
-    ('dkdv', 32, 128): [(16, 16, 4, 2)],
+    ('dkdv', 32, 128): [(16, 16, 8, 2)],
     ('dkdv', 32, 64): [(16, 32, 4, 2)],
     ('dq', 16, 128): [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
     ('dq', 16, 64): [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
@@ -313,6 +324,17 @@ SHARED_MEMORY = 227 * 1024  # per block on an H100 / H200; the GPU at hand says 
 AUTOTUNE = os.environ.get("STABLEMASK_AUTOTUNE", "full")  # 'full': time every config; 'first': the first that fits, untimed
 LAUNCH_LOG = os.environ.get("STABLEMASK_LAUNCH_LOG")  # a file that every launch appends its specialisation to (gpu_check.py)
 DRY_RUN = LAUNCH_LOG is not None and os.environ.get("STABLEMASK_DRY_RUN") == "1"  # then nothing runs: launches are only logged
+DQ = os.environ.get("STABLEMASK_DQ", "auto")  # 'atomic', 'separate', or 'auto': atomic_dq() says
+
+
+def atomic_dq():
+    """Whether the backward adds dQ by atomics from the dK/dV kernel (FlashAttention-2: 5 matrix
+    products a tile pair) or computes it in a kernel of its own that recomputes S and dP (7 products,
+    no atomics: the same bits every run). STABLEMASK_DQ=atomic or separate; by default atomic, unless
+    torch.use_deterministic_algorithms(True) asks for the same bits every run."""
+    if DQ == 'auto':
+        return not torch.are_deterministic_algorithms_enabled()
+    return DQ == 'atomic'
 
 
 def length_bucket(T):
@@ -330,13 +352,16 @@ def _configs(choices):
     return [triton.Config({'BLOCK_M': m, 'BLOCK_N': n}, num_warps=w, num_stages=s) for m, n, w, s in choices]
 
 
-def shared_memory(config, streamed, kept, kept_tiles, head_dim, itemsize):
+def shared_memory(config, streamed, kept, kept_tiles, head_dim, itemsize, dq_sums=False):
     """Bytes of shared memory a config's kernel uses, as the compiler lays it out for sm_90's MMA
     (test_kernel.py checks this against it): num_stages buffers of the streamed block's two tiles
     (K and V, or Q and dO), and the kept block's kept_tiles tiles, which float32's tf32x3 holds twice
-    (high and low halves). For float32's small tiles, on Ampere-style MMA, an upper bound."""
+    (high and low halves). dK/dV adding dQ's sums holds K once more, as that product's other operand,
+    and dS transposed (at most 9 KiB as the compiler lays it out). For float32's small tiles, on
+    Ampere-style MMA, an upper bound."""
     copies = kept_tiles * (2 if itemsize == 4 else 1)
-    return (config.num_stages * 2 * config.kwargs[streamed] + copies * config.kwargs[kept]) * head_dim * itemsize
+    size = (config.num_stages * 2 * config.kwargs[streamed] + copies * config.kwargs[kept]) * head_dim * itemsize
+    return size + (config.kwargs[kept] * head_dim * itemsize + 9 * 1024 if dq_sums else 0)
 
 
 def _shared_memory_limit(device):
@@ -348,28 +373,36 @@ def _shared_memory_limit(device):
     return triton.runtime.driver.active.utils.get_device_properties(index)['max_shared_mem']
 
 
-def candidates(name, q, head_dim):
+def candidates(name, q, head_dim, dq_sums=False):
     """The configs the autotuner times for these inputs, before anything compiles: configs_for's that
     fit in the GPU's shared memory (on a smaller GPU than Hopper, at least the smallest), or under
     STABLEMASK_AUTOTUNE=first only the first of them."""
-    size = lambda c: shared_memory(c, *TILES[name], head_dim, q.element_size())
+    size = lambda c: shared_memory(c, *TILES[name], head_dim, q.element_size(), dq_sums)
     configs = configs_for(name, q.dtype, head_dim)
     limit = _shared_memory_limit(q.device)
     fitting = [c for c in configs if size(c) <= limit] or [min(configs, key=size)]
     return fitting[:1] if AUTOTUNE == 'first' else fitting
 
 
-def _autotuned(kernel, name, key=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP'), do_bench=None):
-    prune = lambda configs, named_args, **kwargs: candidates(name, named_args['Q'], kwargs['HEAD_DIM'])  # it picks from all
+# what each autotuner keys on (besides the tensors' dtypes), and what a timed run writes into that the
+# next must find zeroed: the dK/dV kernel adds dQ's sums
+TUNE_KEYS = dict(fwd=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP', 'HAS_PSEUDO', 'HAS_SINK'),
+                 dkdv=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP', 'ATOMIC_DQ'), dq=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP'))
+RESET_TO_ZERO = dict(dkdv=['DQ_ACC'])
+
+
+def _autotuned(kernel, name, do_bench=None):
+    prune = lambda configs, named_args, **kwargs: candidates(name, named_args['Q'], kwargs['HEAD_DIM'],
+                                                             kwargs.get('ATOMIC_DQ', False))  # it picks from all
     every = _configs(sorted({c for k, choices in CONFIGS.items() if k[0] == name for c in choices}))
-    return triton.autotune(every, key=list(key), do_bench=do_bench, prune_configs_by={'early_config_prune': prune})(kernel)
+    return triton.autotune(every, key=list(TUNE_KEYS[name]), reset_to_zero=RESET_TO_ZERO.get(name), do_bench=do_bench,
+                           prune_configs_by={'early_config_prune': prune})(kernel)
 
 
 if INTERPRET:
     _kernels = dict(fwd=_attn_fwd, dkdv=_attn_bwd_dkdv, dq=_attn_bwd_dq)
 else:
-    _kernels = dict(fwd=_autotuned(_attn_fwd, 'fwd', key=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP', 'HAS_PSEUDO', 'HAS_SINK')),
-                    dkdv=_autotuned(_attn_bwd_dkdv, 'dkdv'), dq=_autotuned(_attn_bwd_dq, 'dq'))
+    _kernels = dict(fwd=_autotuned(_attn_fwd, 'fwd'), dkdv=_autotuned(_attn_bwd_dkdv, 'dkdv'), dq=_autotuned(_attn_bwd_dq, 'dq'))
 
 
 def _launch(name, grid_blocks, BH, T, *args, **kwargs):
@@ -378,7 +411,7 @@ def _launch(name, grid_blocks, BH, T, *args, **kwargs):
     kernel = _kernels[name]
     if LAUNCH_LOG:
         log_launch(name, _attn_fwd if name == 'fwd' else _attn_bwd_dkdv if name == 'dkdv' else _attn_bwd_dq, args, kwargs,
-                   [_config_tuple(c) for c in candidates(name, args[0], kwargs['HEAD_DIM'])])
+                   [_config_tuple(c) for c in candidates(name, args[0], kwargs['HEAD_DIM'], kwargs.get('ATOMIC_DQ', False))])
         if DRY_RUN:
             return
     if isinstance(kernel, triton.runtime.Autotuner):
@@ -424,8 +457,9 @@ def _precision(dtype):
 @torch.library.custom_op("stablemask::attention_forward", mutates_args=())
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: Optional[torch.Tensor],
                        alibi: Optional[torch.Tensor], sink: Optional[torch.Tensor], pseudo_len: int, sm_scale: float,
-                       offset: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(O in the (B, T, H, D) memory layout, the base-2 log-sum-exp with the virtual mass, (B*H, T))."""
+                       offset: float, atomic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O in the (B, T, H, D) memory layout, the base-2 log-sum-exp with the virtual mass, (B*H, T)).
+    atomic: how its backward will sum dQ (atomic_dq(), decided when the forward runs)."""
     B, H, T, D = q.shape
     # O, dO, dQ, dK and dV share one layout: (B, T, H, D) in memory, so that merging the heads is free
     o = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
@@ -440,17 +474,17 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma:
 
 
 @_attention_forward.register_fake
-def _(q, k, v, gamma, alibi, sink, pseudo_len, sm_scale, offset):
+def _(q, k, v, gamma, alibi, sink, pseudo_len, sm_scale, offset, atomic):
     B, H, T, D = q.shape
     return q.new_empty((B, T, H, D)).transpose(1, 2), q.new_empty((B * H, T), dtype=torch.float32)
 
 
 @torch.library.custom_op("stablemask::attention_backward", mutates_args=())
 def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                        alibi: Optional[torch.Tensor], sink: Optional[torch.Tensor],
-                        sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        alibi: Optional[torch.Tensor], sink: Optional[torch.Tensor], sm_scale: float,
+                        atomic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dQ in O's memory layout; dK, dV in the same layout with K's heads; d(sink logit) per head
-    (zeros without one)."""
+    (zeros without one). atomic: dQ by atomics from the dK/dV kernel, else by its own kernel."""
     B, H, T, D = q.shape
     if do.stride() != o.stride():
         do = torch.empty_like(o).copy_(do)
@@ -466,8 +500,13 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     args = (q, k, v, do)
     tail = (lse, delta, lse if alibi is None else alibi, sm_scale, T, H,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(dk), length_bucket(T))
-    _launch('dkdv', 'BLOCK_N', B * H, T, *args, dk, dv, *tail, **common)
-    _launch('dq', 'BLOCK_M', B * H, T, *args, dq, *tail, **common)
+    # dQ's float32 sums in O's layout (its rows at O's strides); a one-element stand-in without atomics
+    dq_acc = torch.zeros_like(o, dtype=torch.float32) if atomic else lse.new_zeros(1)
+    _launch('dkdv', 'BLOCK_N', B * H, T, *args, dk, dv, dq_acc, *tail, **common, ATOMIC_DQ=atomic)
+    if atomic:
+        dq.copy_(dq_acc)
+    else:
+        _launch('dq', 'BLOCK_M', B * H, T, *args, dq, *tail, **common)
     if group > 1:  # a K/V head's gradient is the sum of its query heads' shares
         shares, (dk, dv) = (dk, dv), _kv_grads(k)
         for grad, share in zip((dk, dv), shares):
@@ -486,21 +525,21 @@ def _kv_grads(like, dtype=None):
 
 
 @_attention_backward.register_fake
-def _(do, q, k, v, o, lse, alibi, sink, sm_scale):
+def _(do, q, k, v, o, lse, alibi, sink, sm_scale, atomic):
     return torch.empty_like(o), *_kv_grads(k), q.new_empty(q.size(1), dtype=torch.float32)
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, gamma, alibi, sink, pseudo_len, sm_scale, offset = inputs
+    q, k, v, gamma, alibi, sink, pseudo_len, sm_scale, offset, atomic = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, alibi, sink)
-    ctx.sm_scale = sm_scale
+    ctx.sm_scale, ctx.atomic = sm_scale, atomic
 
 
 def _backward(ctx, do, dlse):
     q, k, v, o, lse, alibi, sink = ctx.saved_tensors
-    dq, dk, dv, dsink = _attention_backward(do, q, k, v, o, lse, alibi, sink, ctx.sm_scale)
-    return dq, dk, dv, None, None, None if sink is None else dsink.to(sink.dtype), None, None, None
+    dq, dk, dv, dsink = _attention_backward(do, q, k, v, o, lse, alibi, sink, ctx.sm_scale, ctx.atomic)
+    return dq, dk, dv, None, None, None if sink is None else dsink.to(sink.dtype), None, None, None, None
 
 
 torch.library.register_autograd("stablemask::attention_forward", _backward, setup_context=_save_for_backward)
@@ -541,5 +580,5 @@ def stablemask_attention(q, k, v, gamma=None, alibi=None, pseudo_len=None, sm_sc
     if width != D:
         q, k, v = (F.pad(t, (0, width - D)) for t in (q, k, v))  # zero columns change no dot product
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, _ = _attention_forward(q, k, v, gamma, alibi, sink, pseudo_len, sm_scale, float(offset))
+    out, _ = _attention_forward(q, k, v, gamma, alibi, sink, pseudo_len, sm_scale, float(offset), atomic_dq())
     return out[..., :D]

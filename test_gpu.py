@@ -14,8 +14,10 @@ import torch
 import triton
 
 import stablemask_kernel as sk
+import stablemask_sdpa as sdpa_module
 from conftest import run_script
-from model import GPT, GPU_PEAK_FLOPS, GPTConfig, KVCache, alibi_slopes, fused_kernel
+from model import GPT, GPU_PEAK_FLOPS, GPTConfig, KVCache, alibi_slopes
+from stablemask_sdpa import fused_kernel
 from test_kernel import check, inputs
 
 ON_GPU = torch.cuda.is_available()
@@ -32,7 +34,8 @@ MOST = max(len(choices) for choices in sk.CONFIGS.values())
 @pytest.mark.parametrize('dtype,T,D,alibi,extra,kv_heads', FORCED, ids=[f"{str(c[0])[6:]}-T{c[1]}-D{c[2]}" for c in FORCED])
 def test_every_autotune_config_against_float64(poisoned, monkeypatch, index, dtype, T, D, alibi, extra, kv_heads):
     """Each configuration the autotuner may pick, forced for all three kernels (a kernel with fewer
-    configurations runs its last), against float64; grouped-query attention in some cases."""
+    configurations runs its last), against float64, dQ both by atomics and by its own kernel;
+    grouped-query attention in some cases."""
     width = max(16, 1 << (D - 1).bit_length())
     lists = {name: sk.configs_for(name, dtype, width) for name in sk.TILES}
     if index >= max(len(configs) for configs in lists.values()):
@@ -43,7 +46,9 @@ def test_every_autotune_config_against_float64(poisoned, monkeypatch, index, dty
         if isinstance(kernel, triton.runtime.Autotuner):
             monkeypatch.setattr(kernel, 'cache', {})  # tune anew: the one configuration
     q, k, v, do = inputs(2, 4, T, D, dtype, seed=index, kv_heads=kv_heads)
-    check('kernel', q, k, v, do, alibi_slopes(4), alibi_slopes(4) if alibi else None, T + extra)
+    for dq in ('atomic', 'separate'):
+        monkeypatch.setattr(sk, 'DQ', dq)
+        check('kernel', q, k, v, do, alibi_slopes(4), alibi_slopes(4) if alibi else None, T + extra)
 
 
 @gpu_only
@@ -55,10 +60,18 @@ def test_shared_memory_limit_of_the_current_gpu():
 
 @gpu_only
 @pytest.mark.parametrize('dtype,D,alibi,kind', [
+    (torch.bfloat16, 128, False, 'cudnn'), (torch.float16, 20, False, 'cudnn'), (torch.bfloat16, 64, False, 'cudnn'),
     (torch.bfloat16, 128, False, 'flash'), (torch.float16, 20, False, 'flash'), (torch.bfloat16, 160, False, 'flash'),
     (torch.bfloat16, 64, True, 'efficient'), (torch.float32, 64, False, 'efficient'), (torch.float32, 36, True, 'efficient')])
-def test_sdpa_cuda_branches(poisoned, dtype, D, alibi, kind):
-    assert fused_kernel('cuda', dtype, D, alibi, torch.cuda.get_device_capability())[0] == kind
+def test_sdpa_cuda_branches(poisoned, monkeypatch, dtype, D, alibi, kind):
+    """Every fused backend the sdpa path corrects, each forced where this GPU has it, against float64
+    (forward and every gradient): cuDNN (Hopper on), flash (Ampere on), memory-efficient."""
+    need = {'cudnn': (9, 0), 'flash': (8, 0), 'efficient': (5, 0)}[kind]
+    if torch.cuda.get_device_capability() < need:
+        pytest.skip(f"{kind} needs sm{need[0]}{need[1]}")
+    width = -(-D // 8) * 8
+    assert fused_kernel('cuda', dtype, D, alibi, (9, 0))[1] == width
+    monkeypatch.setattr(sdpa_module, 'fused_kernel', lambda *args: (kind, width))
     q, k, v, do = inputs(2, 3, 77, D, dtype, seed=D)
     check('sdpa', q, k, v, do, alibi_slopes(3), alibi_slopes(3) if alibi else None)
 

@@ -16,10 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model
 import stablemask_kernel as sk
 from conftest import REPO
-from model import GPT, GPTConfig, StableMaskSDPA, alibi_slopes, attention_bias, fused_kernel, log_pseudo_mass, stablemask_reference, stablemask_sdpa
+import stablemask_sdpa as sdpa_module
+from model import GPT, GPTConfig, alibi_slopes, log_pseudo_mass, stablemask_reference, stablemask_sdpa
+from stablemask_sdpa import StableMaskSDPA, attention_bias, fused_kernel
 from stablemask_kernel import stablemask_attention
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -104,6 +105,32 @@ def test_grouped_query_attention(poisoned, impl, H, kv_heads, T, D, alibi, extra
     repeats K and V); dK and dV come back with K's heads, the sum over their group."""
     q, k, v, do = inputs(2, H, T, D, torch.float32, seed=H * T, kv_heads=kv_heads)
     check(impl, q, k, v, do, alibi_slopes(H), alibi_slopes(H) if alibi else None, T + extra)
+
+
+@pytest.mark.parametrize('dq', ['atomic', 'separate'])
+@pytest.mark.parametrize('H,kv_heads,T,D,alibi,extra', [(3, 3, 1, 32, False, 0), (3, 3, 100, 64, True, 0), (4, 2, 257, 32, True, 30),
+                                                         (2, 1, 129, 128, False, 3), (4, 4, 50, 24, False, 0)])
+def test_both_ways_of_dq(poisoned, monkeypatch, dq, H, kv_heads, T, D, alibi, extra):
+    """dQ added by atomics from the dK/dV kernel (FlashAttention-2's backward; the default), and by a
+    kernel of its own (the default under torch.use_deterministic_algorithms): both against float64,
+    and each launches only its own kernels."""
+    monkeypatch.setattr(sk, 'DQ', dq)
+    launched = []
+    launch = sk._launch
+    monkeypatch.setattr(sk, '_launch', lambda name, *args, **kwargs: launched.append(name) or launch(name, *args, **kwargs))
+    q, k, v, do = inputs(2, H, T, D, torch.float32, seed=H * T + D, kv_heads=kv_heads)
+    check('kernel', q, k, v, do, alibi_slopes(H), alibi_slopes(H) if alibi else None, T + extra)
+    assert launched == (['fwd', 'dkdv'] if dq == 'atomic' else ['fwd', 'dkdv', 'dq'])
+
+
+def test_dq_is_deterministic_when_asked():
+    """By default dQ comes by atomics; under torch.use_deterministic_algorithms(True) by its own kernel."""
+    assert sk.DQ == 'auto' and not torch.are_deterministic_algorithms_enabled() and sk.atomic_dq()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not sk.atomic_dq()
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.parametrize('impl', ['kernel', 'sdpa', 'reference'])
@@ -266,8 +293,11 @@ def test_kernel_rejects_bad_input():
 
 @pytest.mark.parametrize('device_type,dtype,D,bias,capability,expected', [
     ('cpu', torch.float32, 20, True, None, ('cpu', 20)),
-    ('cuda', torch.bfloat16, 128, False, (9, 0), ('flash', 128)),
-    ('cuda', torch.float16, 20, False, (8, 0), ('flash', 24)),        # padded to a multiple of 8
+    ('cuda', torch.bfloat16, 128, False, (9, 0), ('cudnn', 128)),     # Hopper: cuDNN's
+    ('cuda', torch.bfloat16, 128, False, (8, 0), ('flash', 128)),     # Ampere: flash
+    ('cuda', torch.bfloat16, 160, False, (9, 0), ('flash', 160)),     # past cuDNN's 128
+    ('cuda', torch.float16, 20, False, (9, 0), ('cudnn', 24)),        # padded to a multiple of 8
+    ('cuda', torch.float16, 20, False, (8, 0), ('flash', 24)),
     ('cuda', torch.bfloat16, 64, True, (9, 0), ('efficient', 64)),    # a bias: ALiBi or a window
     ('cuda', torch.float32, 36, False, (9, 0), ('efficient', 40)),    # flash has no float32
     ('cuda', torch.bfloat16, 288, False, (9, 0), ('efficient', 288)),  # past flash's 256
@@ -281,18 +311,18 @@ def test_fused_kernel_dispatch(device_type, dtype, D, bias, capability, expected
 def test_sdpa_pads_head_dims_the_fused_kernels_lack(poisoned, monkeypatch, alibi):
     """CUDA's fused kernels want head dims in multiples of 8: the sdpa path zero-pads q, k, v and
     keeps the scale of the real head dim. Forced here on the CPU kernel, against float64."""
-    monkeypatch.setattr(model, 'fused_kernel', lambda device_type, dtype, D, has_bias, capability: ('cpu', -(-D // 8) * 8 + 8))
+    monkeypatch.setattr(sdpa_module, 'fused_kernel', lambda device_type, dtype, D, has_bias, capability: ('cpu', -(-D // 8) * 8 + 8))
     q, k, v, do = inputs(2, 3, 45, 20, torch.float32, seed=5)
     check('sdpa', q, k, v, do, alibi_slopes(3), alibi_slopes(3) if alibi else None)
 
 
-@pytest.mark.parametrize('kind,D,width,bias', [('flash', 64, 64, False), ('flash', 20, 24, False), ('efficient', 20, 24, False),
+@pytest.mark.parametrize('kind,D,width,bias', [('cudnn', 64, 64, False), ('cudnn', 20, 24, False), ('flash', 64, 64, False), ('flash', 20, 24, False), ('efficient', 20, 24, False),
                                                ('efficient', 36, 40, True)])
 def test_cuda_branches_run_on_meta_tensors(monkeypatch, kind, D, width, bias):
     """The CUDA branches' calls into aten (arguments, output shapes, padding, the log-sum-exp that the
     memory-efficient kernel pads), forward and backward, on shape-only tensors: a CPU checks the
     plumbing that only a GPU can run."""
-    monkeypatch.setattr(model, 'fused_kernel', lambda *args: (kind, width))
+    monkeypatch.setattr(sdpa_module, 'fused_kernel', lambda *args: (kind, width))
     H, T = 3, 17
     q, k, v = (torch.empty(2, H, T, D, device='meta', dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     log_mass = log_pseudo_mass(alibi_slopes(H), torch.arange(T), T).to('meta')
@@ -336,9 +366,13 @@ def test_offsets_past_int32():
     assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-2000:]
 
 
-def test_autotuning_once_per_length_bucket(monkeypatch):
+@pytest.mark.parametrize('dq', ['atomic', 'separate'])
+def test_autotuning_once_per_length_bucket(monkeypatch, dq):
     """The autotuner keys on a length bucket (the next power of two), not on T: lengths 20 to 64 tune
-    once, 65 to 128 once more. Triton's own autotuner, run in the interpreter with a stub benchmark."""
+    once, 65 to 128 once more. Triton's own autotuner, run in the interpreter with a stub benchmark;
+    with dQ by atomics the dQ kernel never runs, and each timed run of dK/dV finds dQ's sums zeroed
+    (else they would count every config tried)."""
+    monkeypatch.setattr(sk, 'DQ', dq)
     tunings = []
 
     def stub_bench(kernel_call, quantiles=None):
@@ -356,7 +390,8 @@ def test_autotuning_once_per_length_bucket(monkeypatch):
         check('kernel', q, k, v, do, alibi_slopes(2))
         counts.append(len(tuned['fwd'].cache))
     assert counts == [1, 1, 1, 1, 2, 2, 2]
-    assert [len(t.cache) for t in tuned.values()] == [2, 2, 2] and len(tunings) == 2 * 3 * 2  # 2 buckets x 3 kernels x 2 configs
+    kernels = 2 if dq == 'atomic' else 3
+    assert [len(t.cache) for t in tuned.values()] == [2, 2, 2 if dq == 'separate' else 0] and len(tunings) == 2 * kernels * 2  # buckets x kernels x configs
     assert [sk.length_bucket(T) for T in (1, 64, 65, 4096, 4097)] == [64, 64, 128, 4096, 8192]
 
 
@@ -425,7 +460,7 @@ def compile_for_hopper(fn, dtype, config, **constexprs):
             types[name] = 'constexpr'
         elif name in ('sm_scale', 'offset'):
             types[name] = 'fp32'
-        elif name in ('LSE', 'Gamma', 'Alibi', 'Delta', 'Sink'):
+        elif name in ('LSE', 'Gamma', 'Alibi', 'Delta', 'Sink', 'DQ_ACC'):
             types[name] = '*fp32'
         elif name in ('T', 'H', 'pseudo_len', 'T_BUCKET') or name.startswith('stride'):
             types[name] = 'i32'
@@ -450,13 +485,14 @@ def check(job):
     name, dtype, D, group, choice = job
     config = sk._configs([choice])[0]
     size = 4 if dtype == 'fp32' else 2
-    extra = dict(HAS_PSEUDO=True, HAS_SINK=True) if name == 'fwd' else {}  # the heaviest variant of each kernel
+    extra = dict(HAS_PSEUDO=True, HAS_SINK=True) if name == 'fwd' else dict(ATOMIC_DQ=True) if name == 'dkdv' else {}  # the heaviest variant of each kernel
     compiled = compile_for_hopper(KERNELS[name], dtype, config, HEAD_DIM=D, HAS_ALIBI=True,
                                   PRECISION='tf32x3' if dtype == 'fp32' else 'tf32', GROUP=group, **extra)
-    estimate = sk.shared_memory(config, *sk.TILES[name], D, size)
+    estimate = sk.shared_memory(config, *sk.TILES[name], D, size, dq_sums=name == 'dkdv')
     problems = []
     used = compiled.metadata.shared  # the estimate is the compiler's layout for Hopper's MMA, an upper bound for float32's
-    if used > sk.SHARED_MEMORY or used > estimate + 2048 or (dtype != 'fp32' and estimate - used > 2048):
+    slack = 10240 if name == 'dkdv' else 2048  # dQ's sums: the compiler overlaps dS's transpose with other buffers
+    if used > sk.SHARED_MEMORY or used > estimate + 2048 or (dtype != 'fp32' and estimate - used > slack):
         problems.append(f"shared memory {used}, estimated {estimate}")
     spilled = spill_stores(compiled)
     if spilled:

@@ -238,7 +238,7 @@ def test_checkpoint_that_does_not_fit_is_refused(workdir, trained, tmp_path, dam
     assert sorted(p.name for p in out.iterdir()) == ['ckpt.pt']
 
 
-@pytest.mark.parametrize('script', ['train.py', 'sample.py', 'bench.py', 'experiments.py', 'prepare_data.py', 'gpu_check.py'])
+@pytest.mark.parametrize('script', ['train.py', 'sample.py', 'bench.py', 'experiments.py', 'prepare_data.py', 'gpu_check.py', 'eval.py'])
 def test_help_lists_every_setting(tmp_path, script):
     """-h and --help print the settings block at the top of the script: each default and its comment."""
     for flag in ('--help', '-h'):
@@ -416,7 +416,7 @@ def test_past_block_size_the_model_predicts_as_well_as_within_it(workdir):
     it is far worse (the quickstart's samples collapse into runs of spaces and '|')."""
     run_script('train.py', '--n_layer=4', '--n_head=4', '--n_embd=128', '--block_size=32', '--batch_size=16',
                '--max_iters=300', '--eval_interval=1000', '--eval_iters=4', '--warmup_iters=30', '--learning_rate=3e-3',
-               '--min_lr=3e-4', '--out_dir=out-window', '--device=cpu', cwd=workdir)
+               '--min_lr=3e-4', '--out_dir=out-window', '--device=cpu', cwd=workdir, timeout=600)
     model = model_from_checkpoint(load_checkpoint(str(workdir / 'out-window'))).eval()
     val = np.fromfile(workdir / 'data' / 'pydoc_char' / 'val.bin', dtype=np.uint16)
     starts = torch.randint(len(val) - 129, (64,), generator=torch.Generator().manual_seed(0)).tolist()

@@ -39,6 +39,7 @@ import sharded
 from corpus import random_windows
 from model import (CONFIG_CHOICES, GPT, GPTConfig, autocast_for, checkpoint_file, gpu_peak_flops, load_checkpoint,
                    model_from_checkpoint, resolve_device)
+from prepare_data import PrepareError, dataset_folder, read_dataset
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -197,24 +198,16 @@ if gradient_accumulation_steps % world_size:
          f"(each process then runs {max(1, gradient_accumulation_steps // world_size)} micro-batch(es) of {batch_size} a step)")
 
 # data
-# a folder that holds a meta.json, or a name under data/ (not your raw text folder of the same name)
-data_dir = dataset if os.path.isfile(os.path.join(dataset, 'meta.json')) else os.path.join('data', dataset)
+data_dir = dataset_folder(dataset)
 
 
 def read_meta(data_dir):
-    """meta.json, after checking that the token files are whole (prepare_data.py writes meta.json last)."""
+    """meta.json, after checking that the token files are whole and long enough for block_size."""
     try:
-        with open(os.path.join(data_dir, 'meta.json')) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        fail(f"no dataset at {data_dir} (no readable meta.json): make one with prepare_data.py")
-    if not {'train_tokens', 'val_tokens', 'dtype', 'vocab_size', 'tokenizer'} <= meta.keys():
-        fail(f"{data_dir}/meta.json was not written by prepare_data.py: rerun it")
+        meta = read_dataset(data_dir)
+    except PrepareError as e:
+        fail(e)
     for split in ('train', 'val'):
-        path = os.path.join(data_dir, f"{split}.bin")
-        expected = meta[f"{split}_tokens"] * np.dtype(meta['dtype']).itemsize
-        if not os.path.isfile(path) or os.path.getsize(path) != expected:
-            fail(f"{path} does not match {data_dir}/meta.json: rerun prepare_data.py")
         if meta[f"{split}_tokens"] <= block_size:
             fail(f"the {split} split of {data_dir} has {meta[f'{split}_tokens']} tokens, too few for block_size {block_size}")
     return meta
