@@ -4,8 +4,10 @@ StableMask attention as one fused Triton kernel, forward and backward.
 It is FlashAttention-2 (Dao, 2023; the layout of Triton's fused-attention tutorial) with one change:
 each query row's online softmax starts from the pseudo-attention mass S_i instead of from nothing,
 as if every row had one more key, of logit log S_i and value 0 (README, The method). The
-backward is FlashAttention-2's, run with that corrected log-sum-exp. Blocks above the diagonal are
-skipped and nothing of size T x T is ever built. model.stablemask_reference is the function this
+backward is FlashAttention-2's, run with that corrected log-sum-exp: one kernel for dK and dV that
+adds dQ by atomics (atomic_dq(); or, deterministic, a kernel of its own for dQ). Blocks above the
+diagonal are skipped and nothing of size T x T is ever built. On Hopper the forward reads Q, K and V
+through tensor descriptors (TMA; use_tma()). model.stablemask_reference is the function this
 computes; test_kernel.py checks the two against each other.
 
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here when CUDA is
@@ -26,6 +28,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a kernel is defined, so set before that
 import triton
 import triton.language as tl
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor  # Triton 3.4 on
+except ImportError:
+    TensorDescriptor = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRET and type(tl.zeros).__name__ == "JITFunction":
@@ -93,14 +100,26 @@ def _program(T, BLOCK: tl.constexpr, HEAVY_FIRST: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, lo, hi, T, qk_scale, alibi,
+def _described(desc, b, h, start, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rows [start, start + BLOCK) of head (b, h) through a tensor descriptor: Hopper's copy engine
+    (TMA) moves the tile into shared memory, zeros past T."""
+    return desc.load([b.to(tl.int32), h.to(tl.int32), start, 0]).reshape(BLOCK, HEAD_DIM)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, b, hk, stride_kt, stride_vt, rows, lo, hi, T, qk_scale, alibi,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr, DIAGONAL: tl.constexpr,
-               PRECISION: tl.constexpr):
-    """The online softmax over key blocks [lo, hi); the causal mask only where DIAGONAL."""
+               PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """The online softmax over key blocks [lo, hi); the causal mask only where DIAGONAL. With TMA
+    k_base and v_base are K's and V's descriptors (of head hk of batch b), else pointers to that head."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        kT = _rows_t(k_base, cols, stride_kt, T, HEAD_DIM)
-        v = _rows(v_base, cols, stride_vt, T, HEAD_DIM)
+        if TMA:
+            kT = tl.trans(_described(k_base, b, hk, start_n, BLOCK_N, HEAD_DIM))
+            v = _described(v_base, b, hk, start_n, BLOCK_N, HEAD_DIM)
+        else:
+            kT = _rows_t(k_base, cols, stride_kt, T, HEAD_DIM)
+            v = _rows(v_base, cols, stride_vt, T, HEAD_DIM)
         qk = tl.dot(q, kT, input_precision=PRECISION)
         if HAS_ALIBI or DIAGONAL:  # the scale and the bias in one multiply-add, then the mask
             s = qk * qk_scale + alibi * (cols[None, :] - rows[:, None]) if HAS_ALIBI else qk * qk_scale
@@ -124,13 +143,18 @@ def _attn_fwd(Q, K, V, Out, LSE, Gamma, Alibi, Sink, sm_scale, offset, T, H, pse
               stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, T_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_PSEUDO: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
-              HAS_SINK: tl.constexpr):
+              HAS_SINK: tl.constexpr, TMA: tl.constexpr):
+    """One block of query rows. With TMA, Q, K and V are tensor descriptors (Hopper), else pointers."""
     bh, start_m = _program(T, BLOCK_M, True)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)  # int64: b x stride and h x stride pass 2^31 on long inputs
     rows = start_m + tl.arange(0, BLOCK_M)
-    q = _rows(Q + b * stride_qb + h * stride_qh, rows, stride_qt, T, HEAD_DIM)
-    k_base = K + b * stride_kb + (h // GROUP) * stride_kh  # grouped-query attention: GROUP query heads per K/V head
-    v_base = V + b * stride_vb + (h // GROUP) * stride_vh
+    hk = h // GROUP  # grouped-query attention: GROUP query heads per K/V head
+    if TMA:
+        q = _described(Q, b, h, start_m, BLOCK_M, HEAD_DIM)
+        k_base, v_base = K, V
+    else:
+        q = _rows(Q + b * stride_qb + h * stride_qh, rows, stride_qt, T, HEAD_DIM)
+        k_base, v_base = K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh
     qk_scale = sm_scale * LOG2E
     alibi = tl.load(Alibi + h) * LOG2E if HAS_ALIBI else 0.0
 
@@ -152,11 +176,11 @@ def _attn_fwd(Q, K, V, Out, LSE, Gamma, Alibi, Sink, sm_scale, offset, T, H, pse
     # <<< the rest is FlashAttention-2
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # key blocks wholly below the diagonal need no mask; the diagonal block does; above it, nothing
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, 0, start_m, T,
-                               qk_scale, alibi, HEAD_DIM, BLOCK_N, HAS_ALIBI, False, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, start_m,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, b, hk, stride_kt, stride_vt, rows, 0, start_m, T,
+                               qk_scale, alibi, HEAD_DIM, BLOCK_N, HAS_ALIBI, False, PRECISION, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, b, hk, stride_kt, stride_vt, rows, start_m,
                                tl.minimum(start_m + BLOCK_M, T), T, qk_scale, alibi, HEAD_DIM, BLOCK_N,
-                               HAS_ALIBI, True, PRECISION)
+                               HAS_ALIBI, True, PRECISION, TMA)
     tl.store(LSE + bh.to(tl.int64) * T + rows, m_i + tl.log2(l_i), mask=rows < T)  # the corrected log-sum-exp, base 2
     _store_rows(Out + b * stride_ob + h * stride_oh, rows, stride_ot, T, acc / l_i[:, None], HEAD_DIM)
 
@@ -325,6 +349,7 @@ AUTOTUNE = os.environ.get("STABLEMASK_AUTOTUNE", "full")  # 'full': time every c
 LAUNCH_LOG = os.environ.get("STABLEMASK_LAUNCH_LOG")  # a file that every launch appends its specialisation to (gpu_check.py)
 DRY_RUN = LAUNCH_LOG is not None and os.environ.get("STABLEMASK_DRY_RUN") == "1"  # then nothing runs: launches are only logged
 DQ = os.environ.get("STABLEMASK_DQ", "auto")  # 'atomic', 'separate', or 'auto': atomic_dq() says
+TMA = os.environ.get("STABLEMASK_TMA", "auto")  # 'on', 'off', or 'auto': use_tma() says
 
 
 def atomic_dq():
@@ -337,6 +362,36 @@ def atomic_dq():
     return DQ == 'atomic'
 
 
+def use_tma(*tensors):
+    """Whether the forward reads Q, K and V through tensor descriptors (Hopper's TMA copy engine)
+    rather than pointers: by default on sm_90 and newer for 16-bit inputs (float32 is a test path);
+    STABLEMASK_TMA=on forces it where the layout allows (the interpreter too), off never. TMA needs
+    16-byte aligned rows and strides; other layouts take pointers."""
+    if TMA == 'off' or TensorDescriptor is None:
+        return False
+    if TMA == 'auto' and (INTERPRET or not tensors[0].is_cuda or tensors[0].dtype == torch.float32
+                          or torch.cuda.get_device_capability(tensors[0].device)[0] < 9):
+        return False
+    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(x * t.element_size() % 16 == 0 for x in t.stride()[:-1])
+               for t in tensors)
+
+
+def _describe(t):
+    """A tensor descriptor of a (B, H, T, D) tensor; its tile shape is set per config (_set_tiles)."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, t.size(-1)])
+
+
+def _set_tiles(nargs):
+    """A forward config's tiles into its descriptors: Q's rows in BLOCK_M, K's and V's in BLOCK_N."""
+    for name, block in (('Q', 'BLOCK_M'), ('K', 'BLOCK_N'), ('V', 'BLOCK_N')):
+        if TensorDescriptor is not None and isinstance(nargs[name], TensorDescriptor):
+            nargs[name].block_shape = [1, 1, nargs[block], nargs['HEAD_DIM']]
+
+
+def _tensor(x):
+    return x.base if TensorDescriptor is not None and isinstance(x, TensorDescriptor) else x
+
+
 def length_bucket(T):
     """The autotuner's key for a sequence length: the next power of two (at least 64). Tuning once
     per bucket, not per length, spares generation and varied-length training a re-tune at every T."""
@@ -345,11 +400,12 @@ def length_bucket(T):
 
 def configs_for(name, dtype, head_dim):
     """The triton.Configs kernel `name` may run with, for inputs of `dtype` and a (padded) head dim."""
-    return _configs(CONFIGS[name, 32 if dtype == torch.float32 else 16, 128 if head_dim > 64 else 64])
+    return _configs(CONFIGS[name, 32 if dtype == torch.float32 else 16, 128 if head_dim > 64 else 64], name)
 
 
-def _configs(choices):
-    return [triton.Config({'BLOCK_M': m, 'BLOCK_N': n}, num_warps=w, num_stages=s) for m, n, w, s in choices]
+def _configs(choices, name):
+    hook = _set_tiles if name == 'fwd' else None  # the forward's descriptors take each config's tiles
+    return [triton.Config({'BLOCK_M': m, 'BLOCK_N': n}, num_warps=w, num_stages=s, pre_hook=hook) for m, n, w, s in choices]
 
 
 def shared_memory(config, streamed, kept, kept_tiles, head_dim, itemsize, dq_sums=False):
@@ -386,15 +442,15 @@ def candidates(name, q, head_dim, dq_sums=False):
 
 # what each autotuner keys on (besides the tensors' dtypes), and what a timed run writes into that the
 # next must find zeroed: the dK/dV kernel adds dQ's sums
-TUNE_KEYS = dict(fwd=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP', 'HAS_PSEUDO', 'HAS_SINK'),
+TUNE_KEYS = dict(fwd=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP', 'HAS_PSEUDO', 'HAS_SINK', 'TMA'),
                  dkdv=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP', 'ATOMIC_DQ'), dq=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP'))
 RESET_TO_ZERO = dict(dkdv=['DQ_ACC'])
 
 
 def _autotuned(kernel, name, do_bench=None):
-    prune = lambda configs, named_args, **kwargs: candidates(name, named_args['Q'], kwargs['HEAD_DIM'],
+    prune = lambda configs, named_args, **kwargs: candidates(name, _tensor(named_args['Q']), kwargs['HEAD_DIM'],
                                                              kwargs.get('ATOMIC_DQ', False))  # it picks from all
-    every = _configs(sorted({c for k, choices in CONFIGS.items() if k[0] == name for c in choices}))
+    every = _configs(sorted({c for k, choices in CONFIGS.items() if k[0] == name for c in choices}), name)
     return triton.autotune(every, key=list(TUNE_KEYS[name]), reset_to_zero=RESET_TO_ZERO.get(name), do_bench=do_bench,
                            prune_configs_by={'early_config_prune': prune})(kernel)
 
@@ -411,13 +467,15 @@ def _launch(name, grid_blocks, BH, T, *args, **kwargs):
     kernel = _kernels[name]
     if LAUNCH_LOG:
         log_launch(name, _attn_fwd if name == 'fwd' else _attn_bwd_dkdv if name == 'dkdv' else _attn_bwd_dq, args, kwargs,
-                   [_config_tuple(c) for c in candidates(name, args[0], kwargs['HEAD_DIM'], kwargs.get('ATOMIC_DQ', False))])
+                   [_config_tuple(c) for c in candidates(name, _tensor(args[0]), kwargs['HEAD_DIM'], kwargs.get('ATOMIC_DQ', False))])
         if DRY_RUN:
             return
     if isinstance(kernel, triton.runtime.Autotuner):
         kernel[lambda meta: (BH * triton.cdiv(T, meta[grid_blocks]),)](*args, **kwargs)
     else:
         m, n = _INTERPRETER_BLOCKS[name]
+        if name == 'fwd':
+            _set_tiles({**dict(zip(_attn_fwd.arg_names, args)), **kwargs, 'BLOCK_M': m, 'BLOCK_N': n})
         kernel[(BH * triton.cdiv(T, m if grid_blocks == 'BLOCK_M' else n),)](*args, BLOCK_M=m, BLOCK_N=n, **kwargs)
 
 
@@ -433,6 +491,8 @@ def log_launch(name, fn, args, constexprs, configs):
     for value in args:
         if isinstance(value, torch.Tensor):
             spec.append(f"{value.dtype}:{value.data_ptr() % 16 == 0}")
+        elif _tensor(value) is not value:  # a tensor descriptor: specialised on its dtype (and its config's tiles)
+            spec.append(f"desc:{value.base.dtype}")
         elif isinstance(value, int):
             spec.append(f"i:{value == 1}:{value % 16 == 0}")
         else:
@@ -465,11 +525,12 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma:
     o = torch.empty((B, T, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((B * H, T), device=q.device, dtype=torch.float32)
     dummy = lse  # stands in for an absent gamma or alibi; never read
-    _launch('fwd', 'BLOCK_M', B * H, T, q, k, v, o, lse,
+    tma = use_tma(q, k, v)
+    _launch('fwd', 'BLOCK_M', B * H, T, *((_describe(t) for t in (q, k, v)) if tma else (q, k, v)), o, lse,
             dummy if gamma is None else gamma, dummy if alibi is None else alibi, dummy if sink is None else sink,
             sm_scale, offset, T, H, pseudo_len, *_strides(q), *_strides(k), *_strides(v), *_strides(o), length_bucket(T),
             HEAD_DIM=D, HAS_PSEUDO=gamma is not None, HAS_ALIBI=alibi is not None, PRECISION=_precision(q.dtype),
-            GROUP=H // k.size(1), HAS_SINK=sink is not None)
+            GROUP=H // k.size(1), HAS_SINK=sink is not None, TMA=tma)
     return o, lse
 
 
