@@ -6,8 +6,8 @@ each query row's online softmax starts from the pseudo-attention mass S_i instea
 as if every row had one more key, of logit log S_i and value 0 (README, The method). The
 backward is FlashAttention-2's, run with that corrected log-sum-exp: one kernel for dK and dV that
 adds dQ by atomics (atomic_dq(); or, deterministic, a kernel of its own for dQ). Blocks above the
-diagonal are skipped and nothing of size T x T is ever built. On Hopper the forward reads Q, K and V
-through tensor descriptors (TMA; use_tma()). model.stablemask_reference is the function this
+diagonal are skipped and nothing of size T x T is ever built. On Hopper the forward and the dQ kernel
+read Q, K, V (and dO) through tensor descriptors (TMA; use_tma()). model.stablemask_reference is the function this
 computes; test_kernel.py checks the two against each other.
 
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here when CUDA is
@@ -267,14 +267,18 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ_ACC, LSE, Delta, Alibi, sm_scale, T, 
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, lo, hi, T, qk_scale, alibi,
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, stride_kt, stride_vt, rows, lo, hi, T, qk_scale, alibi,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                  DIAGONAL: tl.constexpr, PRECISION: tl.constexpr):
+                  DIAGONAL: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        kT = _rows_t(k_base, cols, stride_kt, T, HEAD_DIM)
-        vT = _rows_t(v_base, cols, stride_vt, T, HEAD_DIM)
+        if TMA:  # k_base and v_base are K's and V's descriptors
+            kT = tl.trans(_described(k_base, b, hk, start_n, BLOCK_N, HEAD_DIM))
+            vT = tl.trans(_described(v_base, b, hk, start_n, BLOCK_N, HEAD_DIM))
+        else:
+            kT = _rows_t(k_base, cols, stride_kt, T, HEAD_DIM)
+            vT = _rows_t(v_base, cols, stride_vt, T, HEAD_DIM)
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
         if HAS_ALIBI:
             s += alibi * (cols[None, :] - rows[:, None])
@@ -293,25 +297,29 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, Alibi, sm_scale, T, H,
                  stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                  stride_dkb, stride_dkh, stride_dkt, T_BUCKET,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr):
+                 HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr, TMA: tl.constexpr):
     """dQ of one query block: walk the key blocks up to the diagonal."""
     bh, start_m = _program(T, BLOCK_M, True)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)  # int64: b x stride and h x stride pass 2^31 on long inputs
     rows = start_m + tl.arange(0, BLOCK_M)
-    q = _rows(Q + b * stride_qb + h * stride_qh, rows, stride_qt, T, HEAD_DIM)
-    do = _rows(DO + b * stride_ob + h * stride_oh, rows, stride_ot, T, HEAD_DIM)
+    hk = h // GROUP
+    if TMA:  # Q, K, V and dO are tensor descriptors (Hopper), else pointers
+        q, do = _described(Q, b, h, start_m, BLOCK_M, HEAD_DIM), _described(DO, b, h, start_m, BLOCK_M, HEAD_DIM)
+        k_base, v_base = K, V
+    else:
+        q = _rows(Q + b * stride_qb + h * stride_qh, rows, stride_qt, T, HEAD_DIM)
+        do = _rows(DO + b * stride_ob + h * stride_oh, rows, stride_ot, T, HEAD_DIM)
+        k_base, v_base = K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh
     lse = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rows < T, other=float("inf"))
     delta = tl.load(Delta + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
-    k_base = K + b * stride_kb + (h // GROUP) * stride_kh
-    v_base = V + b * stride_vb + (h // GROUP) * stride_vh
     qk_scale = sm_scale * LOG2E
     alibi = tl.load(Alibi + h) * LOG2E if HAS_ALIBI else 0.0
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, 0, start_m, T,
-                       qk_scale, alibi, HEAD_DIM, BLOCK_N, HAS_ALIBI, False, PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, start_m,
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, stride_kt, stride_vt, rows, 0, start_m, T,
+                       qk_scale, alibi, HEAD_DIM, BLOCK_N, HAS_ALIBI, False, PRECISION, TMA)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, b, hk, stride_kt, stride_vt, rows, start_m,
                        tl.minimum(start_m + BLOCK_M, T), T, qk_scale, alibi, HEAD_DIM, BLOCK_N,
-                       HAS_ALIBI, True, PRECISION)
+                       HAS_ALIBI, True, PRECISION, TMA)
     _store_rows(DQ + b * stride_ob + h * stride_oh, rows, stride_ot, T, dq * sm_scale, HEAD_DIM)
 
 
@@ -363,7 +371,7 @@ def atomic_dq():
 
 
 def use_tma(*tensors):
-    """Whether the forward reads Q, K and V through tensor descriptors (Hopper's TMA copy engine)
+    """Whether the kernels read their inputs through tensor descriptors (Hopper's TMA copy engine)
     rather than pointers: by default on sm_90 and newer for 16-bit inputs (float32 is a test path);
     STABLEMASK_TMA=on forces it where the layout allows (the interpreter too), off never. TMA needs
     16-byte aligned rows and strides; other layouts take pointers."""
@@ -382,9 +390,9 @@ def _describe(t):
 
 
 def _set_tiles(nargs):
-    """A forward config's tiles into its descriptors: Q's rows in BLOCK_M, K's and V's in BLOCK_N."""
-    for name, block in (('Q', 'BLOCK_M'), ('K', 'BLOCK_N'), ('V', 'BLOCK_N')):
-        if TensorDescriptor is not None and isinstance(nargs[name], TensorDescriptor):
+    """A config's tiles into its kernel's descriptors: Q's and dO's rows in BLOCK_M, K's and V's in BLOCK_N."""
+    for name, block in (('Q', 'BLOCK_M'), ('DO', 'BLOCK_M'), ('K', 'BLOCK_N'), ('V', 'BLOCK_N')):
+        if TensorDescriptor is not None and isinstance(nargs.get(name), TensorDescriptor):
             nargs[name].block_shape = [1, 1, nargs[block], nargs['HEAD_DIM']]
 
 
@@ -404,8 +412,8 @@ def configs_for(name, dtype, head_dim):
 
 
 def _configs(choices, name):
-    hook = _set_tiles if name == 'fwd' else None  # the forward's descriptors take each config's tiles
-    return [triton.Config({'BLOCK_M': m, 'BLOCK_N': n}, num_warps=w, num_stages=s, pre_hook=hook) for m, n, w, s in choices]
+    # the descriptors (TMA) take each config's tiles
+    return [triton.Config({'BLOCK_M': m, 'BLOCK_N': n}, num_warps=w, num_stages=s, pre_hook=_set_tiles) for m, n, w, s in choices]
 
 
 def shared_memory(config, streamed, kept, kept_tiles, head_dim, itemsize, dq_sums=False):
@@ -443,7 +451,8 @@ def candidates(name, q, head_dim, dq_sums=False):
 # what each autotuner keys on (besides the tensors' dtypes), and what a timed run writes into that the
 # next must find zeroed: the dK/dV kernel adds dQ's sums
 TUNE_KEYS = dict(fwd=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP', 'HAS_PSEUDO', 'HAS_SINK', 'TMA'),
-                 dkdv=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP', 'ATOMIC_DQ'), dq=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP'))
+                 dkdv=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP', 'ATOMIC_DQ'),
+                 dq=('T_BUCKET', 'HEAD_DIM', 'HAS_ALIBI', 'GROUP', 'TMA'))
 RESET_TO_ZERO = dict(dkdv=['DQ_ACC'])
 
 
@@ -474,8 +483,7 @@ def _launch(name, grid_blocks, BH, T, *args, **kwargs):
         kernel[lambda meta: (BH * triton.cdiv(T, meta[grid_blocks]),)](*args, **kwargs)
     else:
         m, n = _INTERPRETER_BLOCKS[name]
-        if name == 'fwd':
-            _set_tiles({**dict(zip(_attn_fwd.arg_names, args)), **kwargs, 'BLOCK_M': m, 'BLOCK_N': n})
+        _set_tiles({**dict(zip(kernel.arg_names, args)), **kwargs, 'BLOCK_M': m, 'BLOCK_N': n})
         kernel[(BH * triton.cdiv(T, m if grid_blocks == 'BLOCK_M' else n),)](*args, BLOCK_M=m, BLOCK_N=n, **kwargs)
 
 
@@ -566,8 +574,9 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     _launch('dkdv', 'BLOCK_N', B * H, T, *args, dk, dv, dq_acc, *tail, **common, ATOMIC_DQ=atomic)
     if atomic:
         dq.copy_(dq_acc)
-    else:
-        _launch('dq', 'BLOCK_M', B * H, T, *args, dq, *tail, **common)
+    else:  # dK/dV reads through pointers (with descriptors its first configuration spills); dQ's kernel by TMA where it can
+        tma = use_tma(*args)
+        _launch('dq', 'BLOCK_M', B * H, T, *((_describe(t) for t in args) if tma else args), dq, *tail, **common, TMA=tma)
     if group > 1:  # a K/V head's gradient is the sum of its query heads' shares
         shares, (dk, dv) = (dk, dv), _kv_grads(k)
         for grad, share in zip((dk, dv), shares):

@@ -123,18 +123,20 @@ def test_both_ways_of_dq(poisoned, monkeypatch, dq, H, kv_heads, T, D, alibi, ex
     assert launched == (['fwd', 'dkdv'] if dq == 'atomic' else ['fwd', 'dkdv', 'dq'])
 
 
+@pytest.mark.parametrize('dq', ['atomic', 'separate'])
 @pytest.mark.parametrize('H,kv_heads,T,D,alibi,sink', [(3, 3, 1, 32, False, False), (3, 3, 100, 64, True, False),
                                                         (4, 2, 257, 32, False, True), (2, 1, 129, 128, True, False),
                                                         (4, 4, 50, 24, False, False)])
 @pytest.mark.skipif(DEVICE == 'cuda' or sk.DRY_RUN, reason="on a GPU 16-bit inputs take the descriptors by default "
                     "(test_gpu.py's forced configurations run them); float32 never does")
-def test_forward_through_tensor_descriptors(poisoned, monkeypatch, H, kv_heads, T, D, alibi, sink):
-    """The forward reading Q, K and V through tensor descriptors (TMA on Hopper; forced here, in the
-    interpreter) against float64, gradients included; a layout TMA cannot take (rows not 16-byte
-    aligned) falls back to pointers."""
+def test_tensor_descriptors(poisoned, monkeypatch, dq, H, kv_heads, T, D, alibi, sink):
+    """The forward and the dQ kernel reading Q, K, V and dO through tensor descriptors (TMA on Hopper;
+    forced here, in the interpreter) against float64, output and gradients, dQ both ways (dK/dV reads
+    through pointers); a layout TMA cannot take (rows not 16-byte aligned) falls back to pointers."""
     if sk.TensorDescriptor is None:
         pytest.skip('this Triton has no tensor descriptors')
     monkeypatch.setattr(sk, 'TMA', 'on')
+    monkeypatch.setattr(sk, 'DQ', dq)
     launched = []
     launch = sk._launch
     monkeypatch.setattr(sk, '_launch', lambda name, *args, **kwargs: launched.append(kwargs.get('TMA')) or launch(name, *args, **kwargs))
@@ -145,7 +147,7 @@ def test_forward_through_tensor_descriptors(poisoned, monkeypatch, H, kv_heads, 
             assert rel_err(got, want) <= TOLERANCE[torch.float32]
     else:
         check('kernel', q, k, v, do, alibi_slopes(H), alibi_slopes(H) if alibi else None, T)
-    assert launched[0] is True
+    assert launched == ([True, None] if dq == 'atomic' else [True, None, True])  # dK/dV: no TMA setting
     odd = torch.randn(2, H, T, D + 1)[..., 1:]  # rows start 4 bytes past alignment
     assert not sk.use_tma(odd, odd, odd) and sk.use_tma(q, k, v)
 
@@ -492,8 +494,8 @@ def compile_for_hopper(fn, dtype, config, **constexprs):
     for name in fn.arg_names:
         if name in constexprs:
             types[name] = 'constexpr'
-        elif constexprs.get('TMA') and name in ('Q', 'K', 'V'):  # tensor descriptors of (B, H, T, D), a tile of rows each
-            rows = constexprs['BLOCK_M' if name == 'Q' else 'BLOCK_N']
+        elif constexprs.get('TMA') and name in ('Q', 'K', 'V', 'DO'):  # tensor descriptors of (B, H, T, D), a tile of rows each
+            rows = constexprs['BLOCK_M' if name in ('Q', 'DO') else 'BLOCK_N']
             types[name] = f"tensordesc<{dtype}[1,1,{rows},{constexprs['HEAD_DIM']}]>"
         elif name in ('sm_scale', 'offset'):
             types[name] = 'fp32'
@@ -522,8 +524,10 @@ def check(job):
     name, dtype, D, group, choice, tma = job
     config = sk._configs([choice], name)[0]
     size = 4 if dtype == 'fp32' else 2
-    # the heaviest variant of each kernel; the forward with pointers and (16-bit, Hopper's default) tensor descriptors
-    extra = dict(HAS_PSEUDO=True, HAS_SINK=True, TMA=tma) if name == 'fwd' else dict(ATOMIC_DQ=True) if name == 'dkdv' else {}
+    # the heaviest variant of each kernel, with pointers and (16-bit, Hopper's default) tensor descriptors
+    extra = dict(HAS_PSEUDO=True, HAS_SINK=True) if name == 'fwd' else dict(ATOMIC_DQ=True) if name == 'dkdv' else {}
+    if name != 'dkdv':  # which reads through pointers only
+        extra['TMA'] = tma
     compiled = compile_for_hopper(KERNELS[name], dtype, config, HEAD_DIM=D, HAS_ALIBI=True,
                                   PRECISION='tf32x3' if dtype == 'fp32' else 'tf32', GROUP=group, **extra)
     estimate = sk.shared_memory(config, *sk.TILES[name], D, size, dq_sums=name == 'dkdv')
@@ -539,14 +543,14 @@ def check(job):
         problems.append('no tensor-core MMA')
     if dtype != 'fp32' and 'warp_group_dot' not in compiled.asm['ttgir']:  # Hopper's own, for the 16-bit tiles
         problems.append('no warp-group MMA')
-    if dtype == 'bf16' and name == 'fwd' and ('async_tma_copy' if tma else 'async_copy') not in compiled.asm['ttgir']:
+    if dtype == 'bf16' and (name == 'fwd' or tma) and ('async_tma_copy' if tma else 'async_copy') not in compiled.asm['ttgir']:
         problems.append('no pipelined asynchronous copies' + ' by TMA' * tma)
     return f"{name} {dtype} head dim {D} group {group} {choice}{' TMA' * tma}: {'; '.join(problems)}" if problems else None
 
 # every configuration the autotuner can keep, for each dtype it serves, at group 1 and (bf16, fp32) 4
 jobs = [(name, dtype, D, group, choice, tma) for (name, bits, D), choices in sk.CONFIGS.items() for choice in choices
         for dtype in (('bf16', 'fp16') if bits == 16 else ('fp32',)) for group in ((1, 4) if dtype != 'fp16' else (1,))
-        for tma in ((False, True) if name == 'fwd' and bits == 16 else (False,))]
+        for tma in ((False, True) if bits == 16 and name != 'dkdv' else (False,))]
 with ProcessPoolExecutor(int(sys.argv[1])) as pool:
     problems = [p for p in pool.map(check, jobs) if p]
 compile_for_hopper(sk._bwd_preprocess, 'bf16', triton.Config({'BLOCK_M': 64}), HEAD_DIM=128)
