@@ -155,11 +155,14 @@ def main():
             print(f"{r['split']} of {data_dir}: {r['tokens']:,} tokens scored, windows of {r['block_size']} moving by "
                   f"{r['stride']}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}{bpb}")
     if tasks:
-        from harness import run_tasks  # imported on use: it needs lm_eval
+        try:
+            from harness import run_tasks  # imported on use: it needs lm_eval
+        except ImportError as e:
+            fail(f"--tasks needs lm-evaluation-harness: pip install lm_eval ({e})")
         try:
             results = run_tasks(model, meta, [t for t in tasks.split(',') if t], device, autocast, batch_size,
                                 num_fewshot, limit or None, include_path or None, tokenizer or None, quiet=json)
-        except (ImportError, ValueError, KeyError) as e:
+        except (ValueError, KeyError, PrepareError) as e:  # an unknown task, text a character model cannot read
             fail(e)
         report['tasks'] = results
         if not json:

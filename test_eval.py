@@ -127,6 +127,18 @@ def test_the_dataset_it_trained_on_by_default_and_bad_input(trained, tmp_path):
     assert result.returncode == 1 and "not this model's tokenizer" in result.stderr
 
 
+def test_tasks_without_lm_eval_say_what_to_install(trained, tmp_path):
+    """--tasks without the harness installed: one line naming the package, exit 1."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    (tmp_path / 'lm_eval').mkdir()
+    (tmp_path / 'lm_eval' / '__init__.py').write_text("raise ImportError(\"No module named 'lm_eval'\")\n")
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'eval.py'), '--init_from=out', '--tasks=piqa', '--device=cpu'],
+                            cwd=trained, capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': str(tmp_path)})
+    assert result.returncode == 1 and 'pip install lm_eval' in result.stderr and result.stderr.count('\n') == 1, result.stderr
+
+
 # ---------------------------------------------------------------------------------------------------
 # lm-evaluation-harness
 
