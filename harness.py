@@ -37,6 +37,7 @@ class StableMaskLM(TemplateLM):
             self.hf = hf_tokenizer(folder, meta['tokenizer_sha256'])
             bos = read_json(folder, 'tokenizer_config.json').get('bos_token')
             self.bos = self.hf.token_to_id(bos['content'] if isinstance(bos, dict) else bos) if bos else None
+            self.prefix = self.hf.decode([self.prefix_token_id], skip_special_tokens=False)  # a text that starts with it gets no BOS
 
     @property
     def eot_token_id(self):
@@ -50,8 +51,7 @@ class StableMaskLM(TemplateLM):
         if self.hf is None:
             return list(self.encode(string))
         if add_special_tokens is None:  # the tokenizer's own default (a BOS, say), unless the text starts with one
-            prefix = self.hf.decode([self.prefix_token_id], skip_special_tokens=False)
-            add_special_tokens = not string.startswith(prefix)
+            add_special_tokens = not string.startswith(self.prefix)
         return self.hf.encode(string, add_special_tokens=add_special_tokens).ids
 
     @torch.no_grad()
