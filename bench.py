@@ -47,19 +47,20 @@ data_mb = 0  # also time prepare_data.py on a generated corpus of this many MB o
 attention = True  # the attention and model tables (False with data_mb: the data table alone)
 memory = False  # also print the memory each GPU needs under DDP and FSDP, by the estimate in memory_per_gpu
 sharding = False  # also time train.py on 2 processes under DDP and under FSDP, alternately (CPUs: gloo)
+reps = 0  # repetitions of each side-by-side measurement; 0: each table's own (fewer with --quick)
 seed = 0
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':  # imported (the tests do), it keeps its defaults
-    configure_script(globals(), sys.argv[1:], rules=dict(tokens='>0', width='>0', model_preset=tuple(PRESETS), data_mb='>=0'))
+    configure_script(globals(), sys.argv[1:], rules=dict(tokens='>0', width='>0', model_preset=tuple(PRESETS), data_mb='>=0', reps='>=0'))
 cuda = torch.cuda.is_available()
 device = 'cuda' if cuda else 'cpu'
 
 
-def side_by_side(fns, reps=None):
+def side_by_side(fns, default=None):
     """{name: sorted milliseconds of each repetition} for each fn(): every repetition times each fn
     in turn, starting from a different one each time, so that a machine growing busier or a GPU
     warming up slows them alike. A repetition runs a fn enough times to last a few milliseconds."""
-    reps = reps or (10 if quick else 30 if cuda else 7)
+    count = reps or default or (10 if quick else 30 if cuda else 7)  # --reps, else the table's own
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     calls = {}
     for name, fn in fns.items():  # first calls compile and autotune; then how many calls last 5 ms
@@ -70,7 +71,7 @@ def side_by_side(fns, reps=None):
         sync()
         calls[name] = max(1, int(5e-3 / max(time.perf_counter() - t0, 1e-6)))
     names, times = list(fns), {name: [] for name in fns}
-    for rep in range(reps):
+    for rep in range(count):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             sync()
             t0 = time.perf_counter()
@@ -274,7 +275,7 @@ def model_table(preset, runs):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             steps[f"{mask} ({impl})"] = step
-        times = side_by_side(steps, reps=(5 if quick else 10) if cuda else 3)  # the variants' steps alternate
+        times = side_by_side(steps, (5 if quick else 10) if cuda else 3)  # the variants' steps alternate
         baseline = None
         for name, ms in times.items():
             tokens_per_sec = batch * T / statistics.median(ms) * 1e3
@@ -367,19 +368,21 @@ def decode_table(compiled=False):
     print("| ---: | ---: | --- | ---: | ---: |")
     for batch, new in [(1, 64), (8, 64), (1, 320), (8, 320)][:2 if quick else 4]:
         runs = {}
+        if compiled:  # the models of earlier rows would use up torch.compile's recompiles of the one forward
+            torch._dynamo.reset()
         for mask in ('causal', 'stablemask'):
             torch.manual_seed(0)
             model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=256 if not cuda else 50257,
                                   attn_mask=mask, attn_impl='sdpa')).to(device).eval()
-            if compiled:
-                model.forward = torch.compile(model.forward, dynamic=True)
+            if compiled:  # as sample.py --compile=True: the fixed-shape cache, one graph a decode step
+                model.forward = torch.compile(model.forward)
             prompt = torch.randint(0, model.config.vocab_size, (batch, 16), device=device)
 
             def generate(model=model, prompt=prompt):
                 with torch.no_grad(), (torch.amp.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()):
-                    model.generate(prompt, new, temperature=0)
+                    model.generate(prompt, new, temperature=0, use_cache='fixed' if compiled else True)
             runs[mask] = generate
-        times = side_by_side(runs, reps=3 if quick else 5)
+        times = side_by_side(runs, 3 if quick else 9)
         for mask, ms in times.items():
             rate = batch * new / statistics.median(ms) * 1e3
             print(f"| {batch} | {new} | {mask} | {rate:,.0f} | {rate / (batch * new / statistics.median(times['causal']) * 1e3):.2f} |")
@@ -426,7 +429,7 @@ def memory_table():
             print(f"| {name} | {n / 1e9:.2f}B | {batch} | {engine} | " + ' | '.join(f"{p:,.1f}" for p in parts) + f" | {sum(parts):,.1f} |")
 
 
-def sharding_table(reps=3):
+def sharding_table():
     """train.py's tokens/s on 2 processes under DDP and under FSDP, run alternately (gloo on CPUs)."""
     import tempfile
     repo = os.path.dirname(os.path.abspath(__file__))
@@ -438,7 +441,7 @@ def sharding_table(reps=3):
         subprocess.run([sys.executable, os.path.join(repo, 'prepare_data.py'), '--tokenizer=char'], cwd=folder, check=True,
                        capture_output=True)
         rates = {'DDP': [], 'FSDP': []}
-        for rep in range(reps):
+        for rep in range(reps or 3):
             for engine in ('DDP', 'FSDP'):
                 out = os.path.join(folder, f"out-{engine}-{rep}")
                 subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
@@ -474,3 +477,5 @@ if __name__ == '__main__':
         attention_table(64, torch.float32, [256, 512] if quick else [256, 512, 1024, 2048])
         model_table('tiny', [(256, 4)] if quick else [(256, 8), (1024, 2)])
         decode_table()
+        if not quick:
+            decode_table(compiled=True)

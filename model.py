@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
 
+from kv_cache import FixedKVCache, KVCache
 from stablemask_sdpa import log_pseudo_mass, repeat_kv, sdpa_attention  # noqa: F401 (log_pseudo_mass: for the model's users)
 
 if not torch.cuda.is_available():
@@ -217,10 +218,41 @@ def rope_frequencies(head_dim, base, scaling=None):
 
 def apply_rope(x, cos, sin):
     """Rotate the halves of x (B, T, heads, D) by the position angles (GPT-NeoX's pairing), in x's
-    dtype as transformers' Llama does: the tables are cast (T x D/2), never q and k."""
+    dtype as transformers' Llama does: the tables are cast (T x D/2), never q and k. With a gradient
+    to take, through RoPE below, whose backward is the rotation back."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if torch.compiler.is_compiling():  # the plain formula, which the compiler fuses (writes into views break its graph)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return RoPE.apply(x, cos, sin) if torch.is_grad_enabled() and x.requires_grad else rotate(x, cos, sin)
+
+
+def rotate(x, cos, sin):
+    """(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), each half written in place into one output
+    with one temporary (six operations, no cat); the same roundings as transformers' rotate_half."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out1, out2 = out.chunk(2, dim=-1)
+    tmp = x2 * sin
+    torch.mul(x1, cos, out=out1).sub_(tmp)
+    torch.mul(x1, sin, out=tmp)
+    torch.mul(x2, cos, out=out2).add_(tmp)
+    return out
+
+
+class RoPE(torch.autograd.Function):
+    """A rotation's gradient is the rotation by the opposite angles: six operations where autograd
+    takes nine and a cat, and nothing of x's size saved."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return rotate(dy, cos, -sin), None, None
 
 
 class RMSNorm(nn.Module):
@@ -231,49 +263,32 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
+        x32, w32 = x.float(), self.weight.float()
+        if x.device.type == 'cpu' and torch.is_grad_enabled() and (x.requires_grad or w32.requires_grad):
+            return RMSNormCPU.apply(x32, w32, self.eps).to(x.dtype)
+        return F.rms_norm(x32, (x.size(-1),), w32, self.eps).to(x.dtype)
 
 
-class KVCache:
-    """Keys and values of the positions seen so far, one preallocated buffer per layer, for up to
-    max_len positions. With a window, only what later rows can see is kept: the buffer holds twice
-    the window, and when it fills, its newest window-1 entries move to its front (once every window
-    tokens, not at every token)."""
+class RMSNormCPU(torch.autograd.Function):
+    """RMSNorm with its backward written out, for CPUs: PyTorch has no fused RMSNorm backward there,
+    and its autograd of F.rms_norm takes some ten full-size operations, each a fresh tensor (4-10x
+    layer_norm's fused backward); this one six, reusing its buffers. y = x r w, r = rsqrt(mean(x^2)
+    + eps): dx = r (g - x_hat mean(g x_hat)) with g = dy w, x_hat = x r; dw = sum of dy x_hat."""
 
-    def __init__(self, n_layer, max_len, window=None):
-        self.window = window
-        self.capacity = max_len if window is None else min(max_len, 2 * window)
-        self.pos = 0  # positions seen: the position of the next token
-        self.held = 0  # entries in the buffers
-        self.k, self.v = [None] * n_layer, [None] * n_layer
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        x_hat = x * rstd
+        ctx.save_for_backward(x_hat, weight, rstd)
+        return x_hat * weight  # F.rms_norm's roundings, and transformers'
 
-    def _kept(self):
-        """How many held entries the next rows can still see."""
-        return self.held if self.window is None else min(self.held, self.window - 1)
-
-    def update(self, layer, k, v):
-        """Store k, v (B, H, T, D) of the next T positions; return the keys and values these rows
-        attend to: every one held before, or with a window the last window-1, then the new ones."""
-        if self.k[layer] is None:
-            shape = (*k.shape[:2], self.capacity, k.size(-1))
-            self.k[layer], self.v[layer] = k.new_empty(shape), v.new_empty(shape)
-        T, kept = k.size(2), self._kept()
-        start = self.held - kept
-        if self.held + T > self.capacity:  # only with a window: move what is still seen to the front
-            k = torch.cat([self.k[layer][:, :, start:self.held], k], dim=2)
-            v = torch.cat([self.v[layer][:, :, start:self.held], v], dim=2)
-            n = min(k.size(2), self.capacity)
-            self.k[layer][:, :, :n], self.v[layer][:, :, :n] = k[:, :, -n:], v[:, :, -n:]
-            return k, v
-        self.k[layer][:, :, self.held:self.held + T] = k
-        self.v[layer][:, :, self.held:self.held + T] = v
-        return self.k[layer][:, :, start:self.held + T], self.v[layer][:, :, start:self.held + T]
-
-    def advance(self, T):
-        """Count the T positions every layer has just stored."""
-        moved = self.held + T > self.capacity
-        self.held = min(self._kept() + T, self.capacity) if moved else self.held + T
-        self.pos += T
+    @staticmethod
+    def backward(ctx, dy):
+        x_hat, weight, rstd = ctx.saved_tensors
+        dy_x_hat = dy * x_hat
+        dw = dy_x_hat.sum(tuple(range(dy.dim() - 1))) if ctx.needs_input_grad[1] else None
+        mean = dy_x_hat.mul_(weight).mean(-1, keepdim=True)  # mean of g x_hat
+        return (dy * weight).sub_(x_hat * mean).mul_(rstd), dw, None
 
 
 class CausalSelfAttention(nn.Module):
@@ -395,17 +410,17 @@ class GPT(nn.Module):
         passes block_size (SM-I). kv_cache: a KVCache, for generation (its window applies).
         window: every position attends only to the last `window` positions (itself included)."""
         B, T = idx.size()
-        start = 0 if kv_cache is None else kv_cache.pos
+        first = kv_cache is None or kv_cache.empty
         window = window if kv_cache is None else kv_cache.window
         x = self.transformer.wte(idx)
-        prepend = self.n_sink and start == 0  # the sink token opens every sequence (a cache holds it after)
+        prepend = self.n_sink and first  # the sink token opens every sequence (a cache holds it after)
         if prepend:
             x = torch.cat([self.sink_token.to(x.dtype).expand(B, 1, -1), x], dim=1)
             if window is not None:
                 raise ValueError("a window with a sink token is not supported (generation recomputes the last block_size tokens instead)")
         if pseudo_len is not None:
             pseudo_len += self.n_sink  # the training length, in positions: block_size tokens after the sink
-        pos = torch.arange(start, start + x.size(1), device=idx.device)
+        pos = torch.arange(x.size(1), device=idx.device) if kv_cache is None else kv_cache.positions(x.size(1), idx.device)
         rope = None
         if self.config.pos_enc == 'learned':
             if pos[-1] >= self.config.block_size + self.n_sink:
@@ -414,7 +429,10 @@ class GPT(nn.Module):
         elif self.config.pos_enc == 'rope':
             rope = rope_cos_sin(pos, self.transformer.h[0].attn.head_dim, self.config.rope_base, self.config.rope_scaling)
         x = self.transformer.drop(x)
-        shared = {}  # what every layer of this pass computes alike, once: the pseudo mass of its rows
+        shared = {}  # what every layer of this pass computes alike, once: the pseudo mass of its rows (and a fixed cache's mask)
+        if kv_cache is not None:
+            attn = self.transformer.h[0].attn  # every layer's decays and slopes are the same
+            shared = kv_cache.step_constants(x.size(1), attn.gamma, attn.alibi, pseudo_len)
         for layer, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():  # recomputed in the backward
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, layer, kv_cache, pseudo_len, window, shared, use_reentrant=False)
@@ -461,10 +479,14 @@ class GPT(nn.Module):
         at), or with sliding_window=False to the whole context (RoPE / ALiBi / no positions). A
         learned-position model has no positions past block_size: it recomputes the last block_size
         tokens at every step instead, and so does a model with a sink token (which stays first, as
-        StreamingLLM keeps its sinks) unless sliding_window is False."""
+        StreamingLLM keeps its sinks) unless sliding_window is False. use_cache: True, a cache that
+        grows (kv_cache.KVCache); 'fixed', one whose decode steps all have the same shapes, for
+        torch.compile (kv_cache.FixedKVCache; where it cannot serve, recomputing or the reference
+        attention, the growing one); False, none."""
         N = self.config.block_size
         recompute = self.config.pos_enc == 'learned' or (self.n_sink and sliding_window)  # past N: the last N tokens anew
         window = N if sliding_window and not recompute else None
+        Cache = FixedKVCache if use_cache == 'fixed' and not recompute and self.config.attn_impl != 'reference' else KVCache
         cache = None
         for step in range(max_new_tokens):
             if cache is not None and not (recompute and cache.pos >= N + self.n_sink):
@@ -473,7 +495,7 @@ class GPT(nn.Module):
                 context = idx[:, -N:] if recompute else idx
                 cacheable = use_cache and not (recompute and context.size(1) >= N)
                 size = self.n_sink + context.size(1) + max_new_tokens - step
-                cache = KVCache(self.config.n_layer, size, window) if cacheable else None
+                cache = Cache(self.config.n_layer, size, window) if cacheable else None
                 logits, _ = self(context, pseudo_len=N, kv_cache=cache, window=window)
             idx_next = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p)
             idx = torch.cat((idx, idx_next), dim=1)

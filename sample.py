@@ -36,7 +36,7 @@ device = 'auto'  # 'cpu', 'cuda', 'cuda:1', ...; auto: a GPU if there is one
 dtype = 'auto'  # 'float32', 'bfloat16', 'float16'; auto: bf16 on GPUs that have it, else float32
 attn_impl = 'auto'  # 'auto', 'triton', 'sdpa', 'reference'
 use_cache = True  # False recomputes the whole context at every step (same tokens, slower)
-compile = False  # torch.compile the model, the KV-cached decode step included
+compile = False  # torch.compile the model; its KV cache keeps one shape, so the decode step compiles once
 chat = False  # the prompt as a user's message in the model's chat template (a Hugging Face model's, or its fine-tune's); stops at its end-of-turn token
 show_special = False  # write special tokens (<|endoftext|>, <|im_start|>, ...) in the text
 # -----------------------------------------------------------------------------
@@ -62,8 +62,9 @@ meta = checkpoint.get('meta')
 if not meta:
     fail(f"{init_from} holds no tokenizer description (meta); was it written by train.py?")
 model.eval().to(device)
-if compile:  # the forward that generation calls; the decode step's lengths grow: compiled for any length, not once a token
-    model.forward = torch.compile(model.forward, dynamic=True)
+if compile:  # the forward that generation calls, with a fixed-shape cache: a graph for the prompt, one for every decode step
+    model.forward = torch.compile(model.forward)
+    use_cache = 'fixed' if use_cache else use_cache
 
 if start.startswith('FILE:'):
     try:

@@ -44,8 +44,24 @@ def attention_bias(alibi, window, Tq, T, dtype, device):
     j = torch.arange(T, device=device)[None, :]
     bias = torch.zeros(1, Tq, T, device=device) if alibi is None else -alibi.view(-1, 1, 1).float() * (i - j)
     hidden = (j > i) if window is None else (j > i) | (j <= i - window)
-    bias = bias.masked_fill(hidden, -math.inf).to(dtype)
-    padded = torch.empty(1, bias.size(0), Tq, -(-T // 16) * 16, dtype=dtype, device=device)
+    return aligned(bias.masked_fill(hidden, -math.inf).to(dtype)[None])
+
+
+def ring_bias(alibi, position, size):
+    """attention_bias for one query at `position` (a 0-d tensor) over a ring of `size` slots that
+    holds position p in slot p % size (kv_cache.FixedKVCache), (1, H or 1, 1, size), float32: each
+    slot holds the position `distance` back, where distance = (position - slot) mod size, and -inf
+    hides the slots whose position would be before 0 (not written yet)."""
+    distance = (position - torch.arange(size, device=position.device)) % size
+    bias = torch.zeros(1, 1, size, device=position.device) if alibi is None else -alibi.view(-1, 1, 1).float() * distance
+    return aligned(bias.masked_fill(distance > position, -math.inf)[None])
+
+
+def aligned(bias):
+    """bias (1, H, Tq, T) in storage whose rows are padded to a multiple of 16 elements, as the
+    CUDA memory-efficient kernel needs."""
+    T = bias.size(-1)
+    padded = bias.new_empty(*bias.shape[:-1], -(-T // 16) * 16)
     padded[..., :T] = bias
     return padded[..., :T]
 
@@ -118,9 +134,10 @@ def stablemask_fused(q, k, v, log_mass, bias, for_backward=False):
     out, lse, saved = _fused_forward(kind, q, k, v, bias, causal, 1 / math.sqrt(D))
     Tq = q.size(-2)
     rows = lse if lse.size(-1) == Tq else lse[..., :Tq]  # some kernels pad it
-    share = torch.sigmoid(rows - log_mass).unsqueeze(-1)  # of each row's mass, the real keys' share
     if not for_backward:  # generation: in place, a decode step's few operations counted
+        share = torch.sigmoid_(rows.sub_(log_mass)).unsqueeze(-1)  # rows: the kernel's own, not needed again
         return out.mul_(share if out.dtype == share.dtype else share.to(out.dtype)), None
+    share = torch.sigmoid(rows - log_mass).unsqueeze(-1)  # of each row's mass, the real keys' share
     out = out * share.to(out.dtype)
     lse_sm = lse.clone()
     lse_sm[..., :Tq] = torch.logaddexp(lse[..., :Tq], log_mass)
@@ -163,10 +180,14 @@ def sdpa_attention(q, k, v, gamma, alibi=None, pseudo_len=None, window=None, off
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the fused kernels read rows as contiguous
     if window is not None and window >= T:
         window = None  # it hides nothing
-    bias = None if alibi is None and window is None else attention_bias(alibi, window, Tq, T, q.dtype, q.device)
-    if gamma is None and sink is None:  # the causal baseline needs no correction; PyTorch's dispatcher picks a kernel that fits
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and Tq > 1)
+    bias = shared.get('bias') if shared else None  # a fixed cache's mask over its ring (kv_cache.FixedKVCache)
+    if bias is not None and bias.dtype != q.dtype:  # converted once a pass, to rows still aligned
+        bias = shared['bias'] = aligned(bias.to(q.dtype))
+    elif bias is None and (alibi is not None or window is not None):
+        bias = attention_bias(alibi, window, Tq, T, q.dtype, q.device)
     log_mass = virtual_logits(gamma, T, Tq, T if pseudo_len is None else pseudo_len, offset, sink, q.size(1), q.device, shared)
+    if log_mass is None:  # causal attention (or rows past the pseudo columns): no correction; PyTorch's dispatcher picks a kernel
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and Tq > 1)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or log_mass.requires_grad):
         return StableMaskSDPA.apply(q, k, v, log_mass, bias)
     out = stablemask_fused(q, k, v, log_mass, bias)[0]
@@ -175,19 +196,20 @@ def sdpa_attention(q, k, v, gamma, alibi=None, pseudo_len=None, window=None, off
 
 def virtual_logits(gamma, T, Tq, pseudo_len, offset, sink, n_head, device, shared=None):
     """(H, Tq): the logit of each row's one virtual key of value 0, which stands for all its extra
-    mass: StableMask's pseudo mass (shifted by offset) and a sink logit, either of them or both. The
-    rows are the last Tq of T; their pseudo mass is kept in shared for the next layer of the pass,
-    whose decays, rows and pseudo_len are the same (a key of sizes would make torch.compile
-    specialise on them)."""
-    if gamma is None:
-        logits = torch.full((n_head, Tq), -math.inf, device=device)
-    else:
-        mass = None if shared is None else shared.get('log pseudo mass')
-        if mass is None:
+    mass: StableMask's pseudo mass (shifted by offset) and a sink logit, either of them or both; None
+    where there is neither (causal attention). The rows are the last Tq of T; their pseudo mass is
+    kept in shared for the next layer of the pass, whose decays, rows and pseudo_len are the same (a
+    key of sizes would make torch.compile specialise on them). A KV cache may have put it there
+    already (kv_cache.py), as None where no row has pseudo columns left."""
+    mass = None
+    if gamma is not None:
+        if shared is not None and 'log pseudo mass' in shared:
+            mass = shared['log pseudo mass']
+        else:
             mass = log_pseudo_mass(gamma, torch.arange(T - Tq, T, device=device), pseudo_len)
             if shared is not None:
                 shared['log pseudo mass'] = mass
-        logits = mass + offset if offset else mass
-    if sink is not None:
-        logits = torch.logaddexp(logits, sink.float().view(-1, 1))
-    return logits
+    if mass is None and sink is None:
+        return None
+    logits = torch.full((n_head, Tq), -math.inf, device=device) if mass is None else mass + offset if offset else mass
+    return logits if sink is None else torch.logaddexp(logits, sink.float().view(-1, 1))

@@ -15,7 +15,7 @@ def test_quick_bench_prints_both_tables(tmp_path):
     """Every row is measured (or says why not: a backend this GPU lacks, out of memory), and the ratios
     are taken against the first implementation of each length, the causal baseline."""
     gpu = torch.cuda.is_available()
-    out = run_script('bench.py', '--quick', *(['--tokens=4096', '--model_preset=tiny'] if gpu else []), cwd=tmp_path).stdout
+    out = run_script('bench.py', '--quick', '--reps=2', *(['--tokens=4096', '--model_preset=tiny'] if gpu else []), cwd=tmp_path).stdout
     rows = [line for line in out.splitlines() if re.match(r'\| \d+ \|', line)]
     attention = [r for r in rows if r.count('|') == 10]
     model = [r for r in rows if r.count('|') == 7]

@@ -16,7 +16,7 @@ import triton
 import stablemask_kernel as sk
 import stablemask_sdpa as sdpa_module
 from conftest import run_script
-from model import GPT, GPU_PEAK_FLOPS, GPTConfig, KVCache, alibi_slopes
+from model import GPT, GPU_PEAK_FLOPS, FixedKVCache, GPTConfig, KVCache, alibi_slopes
 from stablemask_sdpa import fused_kernel
 from test_kernel import check, inputs
 
@@ -79,13 +79,15 @@ def test_sdpa_cuda_branches(poisoned, monkeypatch, dtype, D, alibi, kind):
 @gpu_only
 @pytest.mark.parametrize('n_embd,n_head,pos_enc', [(64, 2, 'rope'), (60, 3, 'alibi'), (320, 2, 'rope')])
 @pytest.mark.parametrize('window', [None, 24])
-def test_decode_steps_on_the_gpu(n_embd, n_head, pos_enc, window):
-    """Cached decode steps (the sdpa path, one query) equal a full forward pass (the Triton kernel,
-    or sdpa where a window or a head dim past 128 rules it out), head dims 32, 20 and 160."""
+@pytest.mark.parametrize('Cache', [KVCache, FixedKVCache])
+def test_decode_steps_on_the_gpu(n_embd, n_head, pos_enc, window, Cache):
+    """Cached decode steps (the sdpa path, one query; the fixed cache's through its ring's bias, on
+    the memory-efficient kernel) equal a full forward pass (the Triton kernel, or sdpa where a window
+    or a head dim past 128 rules it out), head dims 32, 20 and 160."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=24, vocab_size=97, n_layer=2, n_head=n_head, n_embd=n_embd, pos_enc=pos_enc)).cuda().eval()
     idx = torch.randint(0, 97, (2, 60), device='cuda')
-    cache = KVCache(model.config.n_layer, 60, window)
+    cache = Cache(model.config.n_layer, 60, window)
     with torch.no_grad():
         steps = [model(idx[:, :10], pseudo_len=24, kv_cache=cache)[0]]
         steps += [model(idx[:, t:t + 1], pseudo_len=24, kv_cache=cache)[0] for t in range(10, 60)]

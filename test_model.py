@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from torch.nn import functional as F
 
-from model import (GPT, PRESETS, GPTConfig, KVCache, alibi_slopes, model_from_checkpoint, peak_flops_of, sample_next, stablemask_reference,
-                   stablemask_sdpa, swiglu_hidden)
+from model import (GPT, PRESETS, FixedKVCache, GPTConfig, KVCache, RMSNorm, alibi_slopes, apply_rope, model_from_checkpoint, peak_flops_of,
+                   rope_cos_sin, sample_next, stablemask_reference, stablemask_sdpa, swiglu_hidden)
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 
@@ -20,6 +21,57 @@ def test_preset_sizes(preset, expected):
     with torch.device('meta'):  # counts the parameters without allocating them
         n = GPT(GPTConfig(**PRESETS[preset])).get_num_params()
     assert abs(n - expected) / expected < 0.005, f"{preset}: {n / 1e6:.1f}M parameters"
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def poisoned(numel):
+    """Fill, then free, memory of numel float32s: the next tensor of that size is likely to take it,
+    so that an element a function forgets to write shows as NaN."""
+    torch.full((numel,), float('nan'))
+
+
+@pytest.mark.parametrize('shape', [(2, 7, 3, 16), (3, 5, 4, 32)])
+def test_rope_and_rms_norm_written_out(shape):
+    """RoPE's rotation written in place and its backward (the opposite rotation), and RMSNorm's CPU
+    backward written out: the outputs are the plain formulas' bit for bit (transformers' roundings),
+    the gradients those of float64 autograd through the plain formulas."""
+    g = torch.Generator().manual_seed(0)
+    B, T, heads, D = shape
+    x = torch.randn(shape, generator=g, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(3, 3 + T), D, 10000.0)
+    dy = torch.randn(shape, generator=g)
+
+    def plain_rope(x, cos, sin):  # transformers' q * cos + rotate_half(q) * sin
+        x1, x2 = x.chunk(2, dim=-1)
+        cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+        return x * cos + torch.cat((-x2, x1), -1) * sin
+
+    poisoned(x.numel())
+    with torch.no_grad():
+        assert torch.equal(apply_rope(x, cos, sin), plain_rope(x, cos, sin))
+    poisoned(x.numel())
+    y = apply_rope(x, cos, sin)
+    assert torch.equal(y, plain_rope(x, cos, sin).detach())
+    y.backward(dy)
+    x64 = x.detach().double().requires_grad_()
+    plain_rope(x64, cos.double(), sin.double()).backward(dy.double())
+    assert relative_error(x.grad, x64.grad) < 1e-6
+
+    norm = RMSNorm(D, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(D, generator=g))
+    h = torch.randn(B, T, D, generator=g, requires_grad=True)
+    dh = torch.randn(B, T, D, generator=g)
+    poisoned(h.numel())
+    out = norm(h)
+    assert torch.equal(out, F.rms_norm(h, (D,), norm.weight, 1e-6).detach())
+    out.backward(dh)
+    h64, w64 = h.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    (h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-6) * w64).backward(dh.double())
+    assert relative_error(h.grad, h64.grad) < 1e-6 and relative_error(norm.weight.grad, w64.grad) < 1e-6
 
 
 def test_swiglu_width():
@@ -106,17 +158,23 @@ def full_logits(model, idx):
     return model(idx, targets=idx, pseudo_len=model.config.block_size)[0]
 
 
+def cache_and_impl(impl):
+    """'fixed': the fixed-shape cache (it reads its ring through the sdpa path's bias); else the growing one."""
+    return (FixedKVCache, 'sdpa') if impl == 'fixed' else (KVCache, impl)
+
+
 @pytest.mark.parametrize('pos_enc', ['rope', 'alibi', 'learned', 'none'])
-@pytest.mark.parametrize('impl', ['reference', 'sdpa'])
+@pytest.mark.parametrize('impl', ['reference', 'sdpa', 'fixed'])
 def test_cached_steps_equal_a_full_forward(pos_enc, impl):
     """Prefill a prompt, then feed one token at a time through the cache: each step's logits are the
     same row of one forward pass over the whole sequence. RoPE, ALiBi and no-position models go on
     past block_size (rows there have no pseudo mass, in both)."""
     torch.manual_seed(0)
+    Cache, impl = cache_and_impl(impl)
     model = GPT(tiny(pos_enc=pos_enc, block_size=32, attn_impl=impl)).eval()
     length = 32 if pos_enc == 'learned' else 45
     idx = torch.randint(0, 97, (2, length))
-    cache = KVCache(model.config.n_layer, length)
+    cache = Cache(model.config.n_layer, length)
     with torch.no_grad():
         steps = [model(idx[:, :10], pseudo_len=32, kv_cache=cache)[0]]
         steps += [model(idx[:, t:t + 1], pseudo_len=32, kv_cache=cache)[0] for t in range(10, length)]
@@ -139,17 +197,21 @@ def test_pseudo_len_matters_without_sm_i():
 
 
 @pytest.mark.parametrize('sliding_window', [True, False])
-@pytest.mark.parametrize('pos_enc', ['rope', 'alibi', 'learned', 'none'])
-def test_generate_same_greedy_tokens_with_and_without_cache(pos_enc, sliding_window):
+@pytest.mark.parametrize('pos_enc,sinks', [('rope', {}), ('alibi', {}), ('learned', {}), ('none', {}),
+                                           ('rope', dict(sink_token='learned', sink_logit='learned'))])
+def test_generate_same_greedy_tokens_with_and_without_cache(pos_enc, sinks, sliding_window):
+    """Both caches give the tokens of generation without one (the fixed one falls back to the growing
+    one where generation recomputes: learned positions, a sink token with the window)."""
     torch.manual_seed(0)
-    model = GPT(tiny(pos_enc=pos_enc, block_size=24, attn_impl='sdpa')).eval()
+    model = GPT(tiny(pos_enc=pos_enc, block_size=24, attn_impl='sdpa', **sinks)).eval()
     for prompt in (5, 60):  # a prompt shorter, and one longer, than the window (twice block_size)
         idx = torch.randint(0, 97, (2, prompt))
-        cached = model.generate(idx, 70, temperature=0, sliding_window=sliding_window)  # well past block_size
-        uncached = model.generate(idx, 70, temperature=0, use_cache=False, sliding_window=sliding_window)
-        assert cached.shape == (2, prompt + 70)
-        assert torch.equal(cached, uncached)
-        assert torch.equal(cached[:, :prompt], idx)
+        uncached = model.generate(idx, 70, temperature=0, use_cache=False, sliding_window=sliding_window)  # well past block_size
+        for cache in (True, 'fixed'):
+            cached = model.generate(idx, 70, temperature=0, use_cache=cache, sliding_window=sliding_window)
+            assert cached.shape == (2, prompt + 70)
+            assert torch.equal(cached, uncached)
+            assert torch.equal(cached[:, :prompt], idx)
 
 
 def test_sliding_window_is_a_setting_that_matters():
@@ -182,22 +244,27 @@ def test_sliding_window_attention(impl, gamma, alibi):
 
 
 @pytest.mark.parametrize('pos_enc', ['rope', 'alibi', 'none'])
-@pytest.mark.parametrize('impl', ['reference', 'sdpa'])
+@pytest.mark.parametrize('impl', ['reference', 'sdpa', 'fixed'])
 def test_windowed_cache_equals_a_windowed_forward(pos_enc, impl):
-    """Past block_size the cache drops its oldest entries (and moves the rest to its front when its
-    buffer of twice the window fills); each step still equals the same row of one windowed forward."""
+    """Past block_size the cache drops its oldest entries (the growing one moves the rest to its
+    front when its buffer of twice the window fills; the fixed one overwrites the oldest slot of its
+    ring); each step still equals the same row of one windowed forward."""
     torch.manual_seed(0)
+    Cache, impl = cache_and_impl(impl)
     model = GPT(tiny(pos_enc=pos_enc, block_size=16, attn_impl=impl)).eval()
     length = 90
     idx = torch.randint(0, 97, (2, length))
     for prefill in (10, 40):  # a prompt shorter, and one longer, than the window
-        cache = KVCache(model.config.n_layer, length, window=16)
+        cache = Cache(model.config.n_layer, length, window=16)
         with torch.no_grad():
             steps = [model(idx[:, :prefill], pseudo_len=16, kv_cache=cache)[0]]
             steps += [model(idx[:, t:t + 1], pseudo_len=16, kv_cache=cache)[0] for t in range(prefill, length)]
             full = model(idx, targets=idx, pseudo_len=16, window=16)[0]
         torch.testing.assert_close(torch.cat(steps, dim=1), full[:, prefill - 1:], rtol=1e-4, atol=1e-5)
-        assert cache.k[0].size(2) == 32 and cache.held <= 32  # memory of twice the window, however long the text
+        if Cache is KVCache:
+            assert cache.k[0].size(2) == 32 and cache.held <= 32  # memory of twice the window, however long the text
+        else:
+            assert cache.k[0].size(2) == 16 and cache.position.item() == length  # the window's memory
 
 
 def test_sample_next():
@@ -221,13 +288,16 @@ def test_grouped_query_attention_in_the_model(pos_enc, attn_mask):
     idx = torch.randint(0, 97, (2, 37), device=DEVICE)
     every_path_agrees(model, idx)
     model.eval()
-    cache = KVCache(model.config.n_layer, 37)
-    with torch.no_grad():
-        steps = [model(idx[:, :10], pseudo_len=64, kv_cache=cache)[0]]
-        steps += [model(idx[:, t:t + 1], pseudo_len=64, kv_cache=cache)[0] for t in range(10, 37)]
-        full = model(idx, targets=idx, pseudo_len=64)[0]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 9:], rtol=1e-4, atol=1e-5)
-    assert cache.k[0].size(1) == 2
+    for Cache in (KVCache, FixedKVCache):  # the fixed one on the sdpa path, which reads its ring's mask
+        for block in model.transformer.h:
+            block.attn.impl = 'sdpa' if Cache is FixedKVCache else 'triton'
+        cache = Cache(model.config.n_layer, 37)
+        with torch.no_grad():
+            steps = [model(idx[:, :10], pseudo_len=64, kv_cache=cache)[0]]
+            steps += [model(idx[:, t:t + 1], pseudo_len=64, kv_cache=cache)[0] for t in range(10, 37)]
+            full = model(idx, targets=idx, pseudo_len=64)[0]
+        torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 9:], rtol=1e-4, atol=1e-5)
+        assert cache.k[0].size(1) == 2
 
 
 def test_config_refuses_kv_heads_that_do_not_divide():
@@ -279,17 +349,20 @@ def test_peak_flops_by_gpu_name(name, flops):
     assert peak_flops_of(name) == flops
 
 
-def test_compiled_generation_equals_eager_and_compiles_a_few_graphs():
-    """sample.py --compile=True: the forward compiled for any length (dynamic shapes) gives eager's
-    tokens through the KV cache, past block_size too, with a few graphs (the prompt, the steps
-    before the window fills, after, and after the cache moves), not one per token."""
+@pytest.mark.parametrize('pos_enc', ['rope', 'alibi'])
+def test_fixed_cache_compiles_the_decode_step_once(pos_enc):
+    """sample.py --compile=True: with the fixed cache, the compiled forward gives eager's tokens
+    (the growing cache's), past block_size too where its ring wraps, in two graphs: the prompt's
+    pass and one decode step for every token; a second generation compiles nothing new."""
     from torch._dynamo.utils import counters
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)).eval()
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, pos_enc=pos_enc)).eval()
     idx = torch.randint(0, 50, (2, 5))
     eager = model.generate(idx, 40, temperature=0)
     torch._dynamo.reset()
     counters.clear()
-    model.forward = torch.compile(model.forward, dynamic=True)
-    assert torch.equal(model.generate(idx, 40, temperature=0), eager)
-    assert 1 < counters['stats']['unique_graphs'] <= 6, counters['stats']
+    model.forward = torch.compile(model.forward)
+    assert torch.equal(model.generate(idx, 40, temperature=0, use_cache='fixed'), eager)
+    assert counters['stats']['unique_graphs'] == 2, counters['stats']
+    assert torch.equal(model.generate(idx.flip(0), 40, temperature=0, use_cache='fixed'), eager.flip(0))
+    assert counters['stats']['unique_graphs'] == 2, counters['stats']
