@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from configurator import configure_script
 from model import autocast_for, load_model, resolve_device
-from prepare_data import PrepareError, dataset_folder, read_dataset, tokenizer_from_meta
+from prepare_data import PrepareError, dataset_folder, read_dataset, tokenizer_from_meta, tokenizer_mismatch
 
 # -----------------------------------------------------------------------------
 init_from = 'out'  # a checkpoint file, a folder holding ckpt.pt, or a Hugging Face LLaMA-family model's folder
@@ -144,10 +144,9 @@ def main():
             data_meta = read_dataset(data_dir)
         except PrepareError as e:
             fail(e)
-        if data_meta['tokenizer'] != meta['tokenizer'] or data_meta.get('tokenizer_sha256') != meta.get('tokenizer_sha256') \
-                or data_meta.get('chars') != meta.get('chars'):
-            fail(f"{data_dir} is tokenized with {data_meta['tokenizer']}, not this model's tokenizer "
-                 f"({meta.get('tokenizer_path') or meta['tokenizer']}): prepare it with --tokenizer=<that>")
+        problem = tokenizer_mismatch(meta, data_meta, init_from, data_dir)
+        if problem:
+            fail(problem)
         report['perplexity'] = perplexity(model, meta, data_dir, device, autocast)
         if not json:
             r = report['perplexity']

@@ -271,7 +271,7 @@ class RMSNorm(nn.Module):
 
 class RMSNormCPU(torch.autograd.Function):
     """RMSNorm with its backward written out, for CPUs: PyTorch has no fused RMSNorm backward there,
-    and its autograd of F.rms_norm takes some ten full-size operations, each a fresh tensor (4-10x
+    and its autograd of F.rms_norm takes some ten full-size operations, each a fresh tensor (5-12x
     layer_norm's fused backward); this one six, reusing its buffers. y = x r w, r = rsqrt(mean(x^2)
     + eps): dx = r (g - x_hat mean(g x_hat)) with g = dy w, x_hat = x r; dw = sum of dy x_hat."""
 

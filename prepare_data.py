@@ -501,6 +501,21 @@ def read_dataset(data_dir):
     return meta
 
 
+def tokenizer_mismatch(model_meta, data_meta, source, data_dir):
+    """Why a model (the tokenizer description in its checkpoint, `source`) cannot read a dataset
+    prepared as data_meta, in one line, or None when it can: its ids would mean other text."""
+    old, new = model_meta, data_meta
+    if old['tokenizer'] != new['tokenizer'] or old.get('tokenizer_sha256') != new.get('tokenizer_sha256'):
+        return (f"{source} was trained on the {old['tokenizer']} tokenizer but {data_dir} is tokenized with "
+                f"{new['tokenizer']}{' (another tokenizer.json)' * (old['tokenizer'] == new['tokenizer'])}: prepare it with "
+                f"--tokenizer={old.get('tokenizer_path') or old['tokenizer']}")
+    if old.get('chars') != new.get('chars'):
+        only = sorted(set(old.get('chars') or ()) ^ set(new.get('chars') or ()))
+        return (f"the character tables of {source} ({len(old.get('chars') or ())} characters) and {data_dir} "
+                f"({len(new.get('chars') or ())}) differ ({''.join(only[:10])!r} in one only): a character model reads only its own")
+    return None
+
+
 def check_malformed(tally, max_malformed, final):
     """Malformed records are skipped, up to a share of all of them; past it the run stops (early,
     once a thousand are seen, rather than after reading terabytes of the wrong thing)."""

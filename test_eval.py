@@ -124,7 +124,8 @@ def test_the_dataset_it_trained_on_by_default_and_bad_input(trained, tmp_path):
     for split in ('train', 'val'):
         os.link(trained / 'data' / 'pydoc_char' / f'{split}.bin', trained / 'data' / 'wrong' / f'{split}.bin')
     result = evaluate(trained, '--dataset=wrong', expect_ok=False)
-    assert result.returncode == 1 and "not this model's tokenizer" in result.stderr
+    assert result.returncode == 1 and result.stderr.count('error:') == 1 and 'the character tables of out' in result.stderr \
+        and 'and data/wrong' in result.stderr, result.stderr  # the same check as train.py's (prepare_data.tokenizer_mismatch)
 
 
 def test_tasks_without_lm_eval_say_what_to_install(trained, tmp_path):

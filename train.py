@@ -39,7 +39,7 @@ import sharded
 from corpus import random_windows
 from model import (CONFIG_CHOICES, GPT, GPTConfig, autocast_for, checkpoint_file, gpu_peak_flops, load_checkpoint,
                    model_from_checkpoint, resolve_device)
-from prepare_data import PrepareError, dataset_folder, read_dataset
+from prepare_data import PrepareError, dataset_folder, read_dataset, tokenizer_mismatch
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -217,14 +217,9 @@ def check_tokenizer(old, source):
     """A checkpoint continues only on data tokenized its way, or its ids would mean other text."""
     if old is None:
         return say(f"warning: {source} does not say which tokenizer it was trained with; {data_dir}'s is assumed")
-    if old['tokenizer'] != meta['tokenizer'] or old.get('tokenizer_sha256') != meta.get('tokenizer_sha256'):
-        fail(f"{source} was trained on the {old['tokenizer']} tokenizer but {data_dir} is tokenized with "
-             f"{meta['tokenizer']}{' (another tokenizer.json)' * (old['tokenizer'] == meta['tokenizer'])}: prepare it with "
-             f"--tokenizer={old.get('tokenizer_path') or old['tokenizer']}")
-    if old.get('chars') != meta.get('chars'):
-        only = sorted(set(old.get('chars') or ()) ^ set(meta.get('chars') or ()))
-        fail(f"the character tables of {source} ({len(old.get('chars') or ())} characters) and {data_dir} "
-             f"({len(meta.get('chars') or ())}) differ ({''.join(only[:10])!r} in one only): a character model reads only its own")
+    problem = tokenizer_mismatch(old, meta, source, data_dir)
+    if problem:
+        fail(problem)
 
 
 meta = read_meta(data_dir)
