@@ -72,6 +72,7 @@ def test_train_loss_falls_then_sample(workdir, trained):
     greedy = ['--init_from=out-a/ckpt.pt', '--start=The ', '--num_samples=1', '--max_new_tokens=60', '--temperature=0', '--device=cpu']
     cached = run_script('sample.py', *greedy, cwd=workdir).stdout
     assert cached == run_script('sample.py', *greedy, '--use_cache=False', cwd=workdir).stdout
+    assert cached == run_script('sample.py', *greedy, '--compile=True', cwd=workdir).stdout  # the fixed-shape cache, compiled
 
 
 def test_prompt_from_file_and_bad_prompts(workdir, trained):
