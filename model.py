@@ -429,10 +429,10 @@ class GPT(nn.Module):
         elif self.config.pos_enc == 'rope':
             rope = rope_cos_sin(pos, self.transformer.h[0].attn.head_dim, self.config.rope_base, self.config.rope_scaling)
         x = self.transformer.drop(x)
-        shared = {}  # what every layer of this pass computes alike, once: the pseudo mass of its rows (and a fixed cache's mask)
-        if kv_cache is not None:
-            attn = self.transformer.h[0].attn  # every layer's decays and slopes are the same
-            shared = kv_cache.step_constants(x.size(1), attn.gamma, attn.alibi, pseudo_len)
+        # what every layer of this pass computes alike, once: the pseudo mass of its rows (a cache's decode
+        # step has it already, and a fixed cache's mask); every layer's decays and slopes are the same
+        attn = self.transformer.h[0].attn
+        shared = {} if kv_cache is None else kv_cache.step_constants(x.size(1), attn.gamma, attn.alibi, pseudo_len)
         for layer, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():  # recomputed in the backward
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, layer, kv_cache, pseudo_len, window, shared, use_reentrant=False)

@@ -504,15 +504,16 @@ def read_dataset(data_dir):
 def tokenizer_mismatch(model_meta, data_meta, source, data_dir):
     """Why a model (the tokenizer description in its checkpoint, `source`) cannot read a dataset
     prepared as data_meta, in one line, or None when it can: its ids would mean other text."""
-    old, new = model_meta, data_meta
-    if old['tokenizer'] != new['tokenizer'] or old.get('tokenizer_sha256') != new.get('tokenizer_sha256'):
-        return (f"{source} was trained on the {old['tokenizer']} tokenizer but {data_dir} is tokenized with "
-                f"{new['tokenizer']}{' (another tokenizer.json)' * (old['tokenizer'] == new['tokenizer'])}: prepare it with "
-                f"--tokenizer={old.get('tokenizer_path') or old['tokenizer']}")
-    if old.get('chars') != new.get('chars'):
-        only = sorted(set(old.get('chars') or ()) ^ set(new.get('chars') or ()))
-        return (f"the character tables of {source} ({len(old.get('chars') or ())} characters) and {data_dir} "
-                f"({len(new.get('chars') or ())}) differ ({''.join(only[:10])!r} in one only): a character model reads only its own")
+    trained, prepared = model_meta['tokenizer'], data_meta['tokenizer']
+    if trained != prepared or model_meta.get('tokenizer_sha256') != data_meta.get('tokenizer_sha256'):
+        return (f"{source} was trained on the {trained} tokenizer but {data_dir} is tokenized with "
+                f"{prepared}{' (another tokenizer.json)' * (trained == prepared)}: prepare it with "
+                f"--tokenizer={model_meta.get('tokenizer_path') or trained}")
+    if model_meta.get('chars') != data_meta.get('chars'):
+        chars, other = model_meta.get('chars') or (), data_meta.get('chars') or ()
+        only = sorted(set(chars) ^ set(other))
+        return (f"the character tables of {source} ({len(chars)} characters) and {data_dir} "
+                f"({len(other)}) differ ({''.join(only[:10])!r} in one only): a character model reads only its own")
     return None
 
 

@@ -64,7 +64,8 @@ if not meta:
 model.eval().to(device)
 if compile:  # the forward that generation calls, with a fixed-shape cache: a graph for the prompt, one for every decode step
     model.forward = torch.compile(model.forward)
-    use_cache = 'fixed' if use_cache else use_cache
+    if use_cache:
+        use_cache = 'fixed'
 
 if start.startswith('FILE:'):
     try:
