@@ -255,14 +255,29 @@ def random_starts(n_tokens, length, count, generator):
     return torch.randint(n_tokens - length, (count,), generator=generator, dtype=torch.int64).tolist()
 
 
-def read_windows(path, dtype, n_tokens, starts, length):
+def read_windows(path, dtype, n_tokens, starts, length, vocab_size=None):
     """The windows of length + 1 tokens at `starts` of a token file: int64 arrays (len(starts), length)
-    of inputs, and of the tokens that follow each."""
+    of inputs, and of the tokens that follow each. With vocab_size, the ids read are checked against
+    it (check_ids)."""
     data = np.memmap(path, dtype=dtype, mode='r', shape=(n_tokens,))  # opened anew: a kept memmap leaks
     windows = np.stack([data[i:i + length + 1] for i in starts]).astype(np.int64)
+    if vocab_size is not None:
+        check_ids(path, windows, vocab_size)
     return windows[:, :-1], windows[:, 1:]
 
 
-def random_windows(path, dtype, n_tokens, length, count, generator):
+def random_windows(path, dtype, n_tokens, length, count, generator, vocab_size=None):
     """`count` windows at random offsets: what train.py trains and evaluates on."""
-    return read_windows(path, dtype, n_tokens, random_starts(n_tokens, length, count, generator), length)
+    starts = random_starts(n_tokens, length, count, generator)
+    return read_windows(path, dtype, n_tokens, starts, length, vocab_size)
+
+
+def check_ids(path, ids, vocab_size):
+    """Raise CorpusError, one line, when token ids read from path reach past the vocabulary: a dataset
+    whose meta.json and token files come from two tokenizers, or were edited, would otherwise index
+    past the model's embedding (an IndexError, or a device-side assert on a GPU)."""
+    top = int(ids.max()) if ids.size else -1
+    if top >= vocab_size:
+        raise CorpusError(f"{path} holds token id {top}, past the vocabulary of {vocab_size} in its "
+                          f"meta.json: its tokens and meta.json are of two tokenizers (or edited): "
+                          f"prepare it again with prepare_data.py")

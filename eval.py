@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import configure_script
+from corpus import CorpusError, check_ids
 from model import autocast_for, load_model, resolve_device
 from prepare_data import PrepareError, dataset_folder, read_dataset, tokenizer_from_meta, tokenizer_mismatch
 
@@ -91,20 +92,25 @@ def score(model, ids, block, stride, batch_size, device, autocast=None, progress
     return total, count
 
 
-def text_bytes(meta, ids, folder=None, chunk=1 << 20):
-    """The UTF-8 bytes of the text token ids stand for, special tokens (end-of-text) counted as none.
-    Decoded a chunk at a time; a character cut at a chunk's edge costs a few bytes in millions."""
-    _, decode = tokenizer_from_meta(meta, folder, show_special=False)
+def text_bytes(decode, ids, chunk=1 << 20):
+    """The UTF-8 bytes of the text token ids stand for, decode writing special tokens (end-of-text)
+    as none. Decoded a chunk at a time; a character cut at a chunk's edge costs a few bytes in millions."""
     return sum(len(decode(ids[i:i + chunk].tolist()).encode('utf-8')) for i in range(0, len(ids), chunk))
 
 
-def perplexity(model, meta, data_dir, device, autocast):
+def perplexity(model, meta, data_meta, data_dir, device, autocast):
     """The numbers of a split: tokens, mean loss, perplexity, bits per byte."""
-    ids = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta['dtype'], mode='r')
+    path = os.path.join(data_dir, f"{split}.bin")
+    ids = np.memmap(path, dtype=data_meta['dtype'], mode='r')
     if max_tokens:
         ids = ids[:max_tokens]
     if len(ids) < 2:
         fail(f"the {split} split of {data_dir} has {len(ids)} token(s): nothing to predict")
+    try:  # before the scoring: an id past the vocabulary, or a tokenizer that has moved, is one line
+        check_ids(path, ids, data_meta['vocab_size'])
+        _, decode = tokenizer_from_meta(meta, tokenizer or None, show_special=False)
+    except (CorpusError, PrepareError) as e:
+        fail(e)
     window = block_size or model.config.block_size
     step = stride or max(1, window // 2)
     if step > window:
@@ -112,7 +118,7 @@ def perplexity(model, meta, data_dir, device, autocast):
     if model.config.pos_enc == 'learned' and window > model.config.block_size:
         fail(f"--block_size={window} is past the model's {model.config.block_size} learned positions")
     nats, count = score(model, ids, window, step, batch_size, device, autocast, progress=not json)
-    n_bytes = text_bytes(meta, np.asarray(ids[1:]), tokenizer or None)
+    n_bytes = text_bytes(decode, np.asarray(ids[1:]))
     loss = nats / count
     return dict(dataset=data_dir, split=split, tokens=count, loss=loss, perplexity=math.exp(loss),
                 bytes=n_bytes, bits_per_byte=nats / math.log(2) / n_bytes if n_bytes else None,
@@ -147,7 +153,10 @@ def main():
         problem = tokenizer_mismatch(meta, data_meta, init_from, data_dir)
         if problem:
             fail(problem)
-        report['perplexity'] = perplexity(model, meta, data_dir, device, autocast)
+        if model.config.vocab_size < data_meta['vocab_size']:
+            fail(f"{data_dir} has a vocabulary of {data_meta['vocab_size']}, the model's is "
+                 f"{model.config.vocab_size}")
+        report['perplexity'] = perplexity(model, meta, data_meta, data_dir, device, autocast)
         if not json:
             r = report['perplexity']
             bpb = f", {r['bits_per_byte']:.4f} bits per byte ({r['bytes']:,} bytes)" if r['bits_per_byte'] else ''

@@ -155,6 +155,7 @@ class GPTConfig:
     sm_offset: float = 0.0  # added to every pseudo score: with sm_gamma=0.0, the paper's 'constant' pseudo value
     sink_logit: str = 'none'  # 'learned': a logit per head for a virtual key of value 0 in every row (gpt-oss); 'zero': that logit fixed at 0 (softmax off by one)
     sink_token: str = 'none'  # 'learned': an embedding prepended to every sequence (a sink token); 'fixed': the same, never trained
+    attn_gate: str = 'none'  # 'elementwise': a sigmoid gate per head and channel on attention's output
 
     def __post_init__(self):
         for name, allowed in CONFIG_CHOICES.items():
@@ -170,7 +171,7 @@ class GPTConfig:
 
 CONFIG_CHOICES = dict(attn_mask=('stablemask', 'causal'), pos_enc=('rope', 'alibi', 'learned', 'none'),
                       attn_impl=('auto', 'reference', 'triton', 'sdpa'), sink_logit=('none', 'learned', 'zero'),
-                      sink_token=('none', 'learned', 'fixed'))
+                      sink_token=('none', 'learned', 'fixed'), attn_gate=('none', 'elementwise'))
 
 # The paper's model sizes (README, Pretraining) and a tiny one for CPUs. The names are the paper's;
 # GPT(...).get_num_params() gives the count (untied GPT-2 embeddings included): 71.9M, 162M, 308M, 1.44B.
@@ -304,6 +305,14 @@ class CausalSelfAttention(nn.Module):
         self.offset = config.sm_offset
         if config.sink_logit == 'learned':  # a parameter, unlike StableMask: its gradient comes through the virtual key
             self.sink = nn.Parameter(torch.zeros(config.n_head))
+        # Gated attention (Qiu et al., NeurIPS 2025; Qwen3-Next): the output of every head, channel by
+        # channel, times sigmoid(x W_gate^T + b_gate) of the layer's input x, before c_proj. W_gate starts
+        # at zero, so every gate starts at exactly 0.5 and the layer at half its ungated output; and no
+        # random draw is taken, so a gated model starts from its ungated twin's weights (Qwen's code
+        # draws it with q's projection, std 0.02: gates near 0.5 too). b_gate, zero, only with bias=True.
+        gated, width = config.attn_gate == 'elementwise', self.n_head * self.head_dim
+        self.gate_weight = nn.Parameter(torch.zeros(width, config.n_embd)) if gated else None
+        self.gate_bias = nn.Parameter(torch.zeros(width)) if gated and config.bias else None
         self.set_constants(config)
 
     def set_constants(self, config, device=None):
@@ -332,6 +341,8 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(layer, k, v)
         y = attend(q, k, v, self.gamma, self.alibi, pseudo_len, self.impl, window, self.offset, self.sink, shared)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
+        if self.gate_weight is not None:  # from each token's own x: a decode step gates its new token alone
+            y = y * torch.sigmoid(F.linear(x, self.gate_weight, self.gate_bias))
         return self.resid_dropout(self.c_proj(y))
 
 

@@ -14,7 +14,9 @@ malformed line or record is skipped, counted and reported at the end, and more t
 of them stops the run. zstandard and pyarrow are needed only for their formats.
 
 Writes data/<name>/train.bin and val.bin (token ids, uint16, or uint32 for a vocabulary past 65536)
-and meta.json, last (tokenizer, vocabulary size, token counts, the character table for 'char').
+and meta.json, last (tokenizer, vocabulary size, token counts, the largest token id, the character
+table for 'char'). One run at a time writes a folder: it holds data/<name>/prepare.lock (run_dir.hold),
+and a second run there is refused; a full disk ends the run in one line, its unfinished files removed.
 <name> is the source, with '_char' (or the model folder's name) added for other tokenizers than
 GPT-2's. Tokenizers: 'gpt2', GPT-2's BPE through tiktoken (its 'r50k_base' is the same vocabulary in
 one file, so an offline machine can load it from TIKTOKEN_CACHE_DIR), with <|endoftext|> after every
@@ -41,6 +43,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -53,12 +56,14 @@ from collections import deque
 import numpy as np
 from tqdm import tqdm
 
+import run_dir
 from corpus import CorpusError, Tally, documents, files_under, held_out, sections, text_document
 
 SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 WIKITEXT103_URL = 'https://wikitext.smerity.com/wikitext-103-raw-v1.zip'
 MINIPILE_LIST_URL = 'https://datasets-server.huggingface.co/parquet?dataset=JeanKaddour/minipile'  # the Hub's parquet listing
 GPT2_EOT = 50256  # <|endoftext|>, placed after every document
+LOCK = 'prepare.lock'  # in the output folder: held while a run writes there
 
 
 class PrepareError(Exception):
@@ -202,7 +207,10 @@ def hf_tokenizer(folder, expected_sha256=None):
         from tokenizers import Tokenizer
     except ImportError:
         raise PrepareError("a Hugging Face tokenizer needs the tokenizers package: pip install tokenizers") from None
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot read
+        raise PrepareError(f"{path} is not a tokenizer the tokenizers library reads: {e}") from None
 
 
 def hf_tokenizer_meta(folder):
@@ -210,10 +218,15 @@ def hf_tokenizer_meta(folder):
     vocabulary and its end-of-sequence token (config.json's, or tokenizer_config.json's)."""
     from pretrained import tokenizer_meta
     tokenizer = hf_tokenizer(folder)
-    meta = tokenizer_meta(folder)
+    try:
+        meta = tokenizer_meta(folder)
+    except ValueError as e:  # a config.json or tokenizer_config.json that is not JSON
+        raise PrepareError(str(e)) from None
     if meta['eot_token'] is None:
         raise PrepareError(f"{folder} names no end-of-sequence token (eos_token_id in config.json, eos_token in tokenizer_config.json)")
-    return dict(meta, vocab_size=tokenizer.get_vocab_size(with_added_tokens=True))
+    # an id past their count (a gap in the numbering) still needs a row of the embedding
+    largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    return dict(meta, vocab_size=max(tokenizer.get_vocab_size(with_added_tokens=True), largest + 1))
 
 
 def tokenizer_from_meta(meta, folder=None, show_special=None):
@@ -360,16 +373,38 @@ class atomic_file:
         return self.f
 
     def __exit__(self, exc_type, exc, tb):
-        self.f.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            os.remove(self.tmp)
+        try:
+            self.f.close()  # its last bytes go out here: a full disk can refuse them
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+        finally:
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
 
 
 def write_json(path, value):
-    with atomic_file(path) as f:
-        f.write(json.dumps(value, indent=1).encode())
+    try:
+        with atomic_file(path) as f:
+            f.write(json.dumps(value, indent=1).encode())
+    except OSError as e:
+        raise PrepareError(cannot_write(path, e)) from None
+
+
+def write_synced(f, data):
+    """data to the end of the open file f, on disk before the progress record that vouches for it."""
+    try:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as e:
+        raise PrepareError(cannot_write(f.name, e)) from None
+
+
+def cannot_write(path, e):
+    """The line for a write the disk refused (full, a quota, a size limit): the file, and the room left."""
+    free = shutil.disk_usage(os.path.dirname(path) or '.').free
+    return (f"cannot write {path}: {e.strerror or e} ({free / 2**20:,.1f} MiB free there); the unfinished "
+            f"dataset is removed: free some space (or choose another --out_dir) and run the command again")
 
 
 def fingerprint(source, files, meta, args):
@@ -396,17 +431,26 @@ def prepare(source, inputs, tokenizer, name, out_dir='data', val_fraction=0.1, w
     dest = os.path.join(out_dir, name)
     args = argparse.Namespace(source=source, input=list(inputs), val_input=list(val_inputs), text_key=text_key,
                               val_fraction=val_fraction, chunk_chars=chunk_chars)
-    existed = os.path.isdir(dest)
+    try:
+        lock, made, note = run_dir.hold(dest, LOCK, '--name or --out_dir')
+    except OSError as e:
+        raise PrepareError(f"cannot write to {dest}: {e.strerror or e}") from None
+    except ValueError as e:  # another run writes there
+        raise PrepareError(str(e)) from None
+    if note:
+        print(note)
+    undo = ()  # what the run made, removed when it fails (an interruption keeps its chunks, to continue)
     try:
         splits, files = SOURCES[source](args, dest)
         return write_dataset(dest, splits, files, source, tokenizer, args, workers or os.cpu_count() or 1, max_malformed)
-    except (PrepareError, CorpusError) as e:  # bad input: nothing stays behind (an interruption keeps its chunks)
+    except (PrepareError, CorpusError) as e:  # bad input or a full disk: nothing stays behind
         for leftover in ('train.bin.part', 'val.bin.part', 'progress.json'):
             if os.path.exists(os.path.join(dest, leftover)):
                 os.remove(os.path.join(dest, leftover))
-        if not existed and os.path.isdir(dest) and not os.listdir(dest):
-            os.rmdir(dest)
+        undo = made
         raise PrepareError(str(e)) from None
+    finally:
+        run_dir.release(lock, undo)
 
 
 def write_dataset(dest, splits, files, source, tokenizer, args, workers, max_malformed):
@@ -432,10 +476,11 @@ def write_dataset(dest, splits, files, source, tokenizer, args, workers, max_mal
     try:
         with open(progress_path) as f:
             progress = json.load(f)
-        if progress.get('fingerprint') != key or not all(os.path.exists(p) for p in parts.values()):
+        complete = 'max_token_id' in progress and all(os.path.exists(p) for p in parts.values())
+        if progress.get('fingerprint') != key or not complete:
             raise ValueError
     except (OSError, ValueError):
-        progress = dict(fingerprint=key, chunks=0, train=0, val=0)
+        progress = dict(fingerprint=key, chunks=0, train=0, val=0, max_token_id=-1)
     if progress['chunks']:
         print(f"continuing {dest} after chunk {progress['chunks']} (the same inputs and settings)")
     outputs = {}
@@ -452,10 +497,11 @@ def write_dataset(dest, splits, files, source, tokenizer, args, workers, max_mal
     with outputs['train'], outputs['val']:
         for encoded in encoded_chunks(todo, meta, workers):
             for split in ('train', 'val'):
-                outputs[split].write(encoded[split])
-                outputs[split].flush()
-                os.fsync(outputs[split].fileno())
+                write_synced(outputs[split], encoded[split])
                 progress[split] += len(encoded[split])
+                if encoded[split]:  # the largest id, which readers check against the vocabulary
+                    top = int(np.frombuffer(encoded[split], dtype=meta['dtype']).max())
+                    progress['max_token_id'] = max(progress['max_token_id'], top)
             progress['chunks'] += 1
             write_json(progress_path, progress)  # after the tokens it vouches for are on disk
             bar.update(tally.bytes - bar.n)
@@ -465,7 +511,8 @@ def write_dataset(dest, splits, files, source, tokenizer, args, workers, max_mal
 
     check_malformed(tally, max_malformed, final=True)
     meta.update(train_tokens=progress['train'] // itemsize, val_tokens=progress['val'] // itemsize,
-                documents=tally.documents, malformed=tally.malformed, malformed_first=tally.places)
+                max_token_id=progress['max_token_id'], documents=tally.documents, malformed=tally.malformed,
+                malformed_first=tally.places)
     for split in ('train', 'val'):
         if meta[f"{split}_tokens"] < 2:
             why = (f" (the text made {tally.sections} section{'s' * (tally.sections != 1)}, of which --val_fraction={args.val_fraction} are held out: "
@@ -493,12 +540,37 @@ def read_dataset(data_dir):
         raise PrepareError(f"no dataset at {data_dir} (no readable meta.json): make one with prepare_data.py") from None
     if not isinstance(meta, dict) or not {'train_tokens', 'val_tokens', 'dtype', 'vocab_size', 'tokenizer'} <= meta.keys():
         raise PrepareError(f"{data_dir}/meta.json was not written by prepare_data.py: rerun it")
+    problem = meta_problem(meta)
+    if problem:
+        raise PrepareError(f"{data_dir}/meta.json: {problem}: prepare the dataset again with prepare_data.py")
     for split in ('train', 'val'):
         path = os.path.join(data_dir, f"{split}.bin")
         expected = meta[f"{split}_tokens"] * np.dtype(meta['dtype']).itemsize
         if not os.path.isfile(path) or os.path.getsize(path) != expected:
             raise PrepareError(f"{path} does not match {data_dir}/meta.json: rerun prepare_data.py")
     return meta
+
+
+def meta_problem(meta):
+    """What in a meta.json's values no dataset of prepare_data.py has (a phrase), or None: the counts
+    whole numbers, and the token ids it records (the largest, the end token; datasets written before
+    the largest was recorded have none) inside its vocabulary, so that no reader indexes past it."""
+    whole = lambda value: type(value) is int and value >= 0  # not a bool, not a float
+    for key in ('vocab_size', 'train_tokens', 'val_tokens'):
+        if not whole(meta[key]) or meta[key] == 0 and key == 'vocab_size':
+            return f"{key} is {meta[key]!r}, not a {'positive ' * (key == 'vocab_size')}whole number"
+    if meta['dtype'] not in ('uint16', 'uint32'):
+        return f"dtype is {meta['dtype']!r}, not uint16 or uint32"
+    vocab = meta['vocab_size']
+    chars = meta.get('chars') if isinstance(meta.get('chars'), list) else []
+    if meta['tokenizer'] == 'char' and len(chars) != vocab:
+        return f"vocab_size is {vocab}, but its character table has {len(chars)} entries"
+    if 'max_token_id' in meta and not (type(meta['max_token_id']) is int and meta['max_token_id'] < vocab):
+        return (f"its token ids reach {meta['max_token_id']!r} (max_token_id), past its vocab_size of "
+                f"{vocab}: its tokens and meta.json are of two tokenizers, or it was edited")
+    if 'eot_token' in meta and not (type(meta['eot_token']) is int and 0 <= meta['eot_token'] < vocab):
+        return f"its end-of-text token is {meta['eot_token']!r} (eot_token), past its vocab_size of {vocab}"
+    return None
 
 
 def tokenizer_mismatch(model_meta, data_meta, source, data_dir):

@@ -7,13 +7,19 @@ names and one loop; q, k and v are fused into c_attn, as gpt-fast's converter do
     checkpoint = pretrained_checkpoint('SmolLM2-135M/')   # what model.load_checkpoint returns for such a folder
 
 The weights come from model.safetensors or a sharded model.safetensors.index.json (pip install
-safetensors); a pickled pytorch_model.bin is refused, as loading it could run code.
+safetensors); a pickled pytorch_model.bin is refused, as loading it could run code. A folder is
+checked whole before any model is built (pretrained_args): its JSON files, config.json's fields, and
+every tensor the model needs, in its shape, from the safetensors files' headers; what is wrong is a
+ValueError, one line naming the file. A chat template renders in jinja2's sandbox, within a time and a
+size limit.
 """
 
 import hashlib
 import json
 import os
 import re
+import signal
+import threading
 
 import torch
 
@@ -30,6 +36,10 @@ RENAMES = [  # Hugging Face name -> ours; q, k and v go into c_attn (below)
     (r'model\.layers\.(\d+)\.mlp\.down_proj\.weight', r'transformer.h.\1.mlp.c_proj.weight'),
 ]
 QKV = re.compile(r'model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)')
+REQUIRED = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
+            'max_position_embeddings')  # config.json's fields that have no default
+RENDER_SECONDS = 10  # a chat template's rendering is stopped past this (a real one takes milliseconds)...
+RENDER_CHARS = 1 << 20  # ...or past this many characters, far beyond any model's context
 
 
 def is_pretrained_folder(path):
@@ -39,10 +49,16 @@ def is_pretrained_folder(path):
 def model_args(config, where):
     """GPTConfig fields for a Hugging Face config.json (as a dict), in the Hub's older form
     (rope_theta, rope_scaling) or transformers 5's (rope_parameters). Raises ValueError, one line,
-    naming what is unsupported."""
+    naming what is unsupported or missing."""
     arch = (config.get('architectures') or ['(none)'])[0]
     if arch not in SUPPORTED:
         raise ValueError(f"{where}: {arch} is not supported (only {', '.join(SUPPORTED)})")
+    for key in REQUIRED + ('num_key_value_heads', 'head_dim'):
+        value = config.get(key)
+        if key in REQUIRED and value is None:
+            raise ValueError(f"{where}/config.json has no {key}, a field {arch} needs")
+        if value is not None and (type(value) is not int or value < 1):
+            raise ValueError(f"{where}/config.json: {key}={value!r}, expected a positive whole number")
     window = config.get('sliding_window')
     if window and (arch == 'MistralForCausalLM' or config.get('use_sliding_window')) and window < config['max_position_embeddings']:
         raise ValueError(f"{where}: a sliding window of {window} is not supported")
@@ -70,21 +86,46 @@ def model_args(config, where):
 def weight_files(folder):
     """{Hugging Face tensor name: the safetensors file that holds it}, of model.safetensors or of every
     shard a model.safetensors.index.json names; nothing is read but the files' headers."""
+    return {name: path for name, (path, _) in tensor_shapes(folder).items()}
+
+
+def tensor_shapes(folder):
+    """{Hugging Face tensor name: (the safetensors file that holds it, its shape)}, from the files'
+    headers. Raises ValueError, one line naming the file, for an index that is not one, a shard it
+    names that is missing or does not hold what it says, and a file cut short or damaged."""
     try:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
     except ImportError:
         raise ValueError("loading a Hugging Face checkpoint needs the safetensors package: pip install safetensors") from None
     index = os.path.join(folder, 'model.safetensors.index.json')
     if os.path.isfile(index):
-        with open(index) as f:
-            return {name: os.path.join(folder, shard) for name, shard in json.load(f)['weight_map'].items()}
-    path = os.path.join(folder, 'model.safetensors')
-    if not os.path.isfile(path):
-        found = 'only a pickled pytorch_model.bin, refused as loading it could run code' if os.path.exists(
-            os.path.join(folder, 'pytorch_model.bin')) else 'none'
-        raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json ({found})")
-    with safe_open(path, framework='pt') as f:
-        return {name: path for name in f.keys()}
+        weight_map = read_json(folder, 'model.safetensors.index.json').get('weight_map')
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index} has no weight_map of tensor names to files")
+        placed = {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
+    else:
+        path = os.path.join(folder, 'model.safetensors')
+        if not os.path.isfile(path):
+            pickled = 'only a pickled pytorch_model.bin, refused as loading it could run code'
+            there = pickled if os.path.exists(os.path.join(folder, 'pytorch_model.bin')) else 'none'
+            raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json ({there})")
+        placed = None
+    found = {}
+    for file in sorted(set(placed.values())) if placed is not None else [path]:
+        if not os.path.isfile(file):
+            raise ValueError(f"{index} names {os.path.relpath(file, folder)}, which is not in {folder}")
+        try:
+            with safe_open(file, framework='pt') as f:
+                found.update({name: (file, tuple(f.get_slice(name).get_shape())) for name in f.keys()})
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file} is not a whole safetensors file (cut short, or damaged): {e}") from None
+    if placed is None:
+        return found
+    for name, file in placed.items():
+        if found.get(name, (None,))[0] != file:
+            shard = os.path.relpath(file, folder)
+            raise ValueError(f"{index} puts {name} in {shard}, which does not hold it")
+    return {name: found[name] for name in placed}
 
 
 def read_weights(folder):
@@ -115,10 +156,42 @@ def source_map(names, args, where):
         else:
             raise ValueError(f"{where}: an unexpected tensor {name}")
     for (layer, kind), parts in qkv.items():
+        missing = [f"{p}_proj" for p in 'qkv' if p not in parts]
+        if missing:
+            raise ValueError(f"{where}: layer {layer} has no self_attn.{missing[0]}.{kind} beside its "
+                             f"{next(iter(parts.values()))}")
         sources[f"transformer.h.{layer}.attn.c_attn.{kind}"] = [parts['q'], parts['k'], parts['v']]
-    if args['tie_embeddings']:
+    if args['tie_embeddings'] and 'transformer.wte.weight' in sources:
         sources['lm_head.weight'] = sources['transformer.wte.weight']
     return sources
+
+
+def check_weights(folder, args):
+    """That the folder's safetensors files hold every tensor of the model config.json describes, in
+    its shape, and no other: from the files' headers, before any model is built or tensor read (a
+    process under FSDP then reads its rows of each). Raises ValueError, one line naming the file."""
+    from model import GPT, GPTConfig  # on use: model.py imports this module on use too
+    found = tensor_shapes(folder)
+    sources = source_map(found, args, folder)
+    try:
+        with torch.device('meta'):  # shapes only: no memory
+            expected = GPT(GPTConfig(**args)).state_dict()
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{folder}/config.json: {e}") from None
+    for name, tensor in expected.items():
+        if name not in sources:
+            raise ValueError(f"{folder}: no tensor in its safetensors files for {name} (our name), which "
+                             f"the model of its config.json has")
+        shapes = [found[n][1] for n in sources[name]]
+        shape = (sum(s[0] for s in shapes), *shapes[0][1:]) if all(shapes) else ()
+        if shape != tuple(tensor.shape) or any(s[1:] != shapes[0][1:] for s in shapes):
+            raise ValueError(f"{found[sources[name][0]][0]}: {' + '.join(sources[name])} is "
+                             f"{' + '.join(str(list(s)) for s in shapes)}, the model of config.json needs "
+                             f"{list(tensor.shape)}")
+    unexpected = sorted(sources.keys() - expected.keys())
+    if unexpected:
+        raise ValueError(f"{folder}: tensors that the model of its config.json does not have: "
+                         f"{', '.join(sources[name][0] for name in unexpected[:3])}")
 
 
 def state_dict(weights, args, where):
@@ -136,27 +209,34 @@ def tokenizer_meta(folder):
     if not os.path.isfile(path):
         return None
     eos = read_json(folder, 'config.json').get('eos_token_id')
-    eos = eos[0] if isinstance(eos, list) else eos
+    eos = eos[0] if isinstance(eos, list) and eos else eos
     name = read_json(folder, 'tokenizer_config.json').get('eos_token')
-    if eos is None and name:
+    name = name.get('content') if isinstance(name, dict) else name
+    if eos is None and isinstance(name, str):
         try:
             from tokenizers import Tokenizer
-            eos = Tokenizer.from_file(path).token_to_id(name['content'] if isinstance(name, dict) else name)
+            eos = Tokenizer.from_file(path).token_to_id(name)
         except ImportError:
             pass  # a checkpoint loads without it; tokenizing says what to install
+        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot read
+            raise ValueError(f"{path} is not a tokenizer the tokenizers library reads: {e}") from None
+    if eos is not None and (type(eos) is not int or eos < 0):
+        raise ValueError(f"{folder}/config.json: eos_token_id={eos!r}, expected a token id")
     return dict(tokenizer='hf', tokenizer_path=os.path.abspath(folder), tokenizer_sha256=file_sha256(path), eot_token=eos)
 
 
 def chat_prompt(folder, message):
     """message as the one user turn of the folder's chat template (chat_template.jinja, or
     tokenizer_config.json's chat_template), ending where the assistant's answer begins. Rendered in
-    jinja2's sandbox, so a stranger's template cannot run code (pip install jinja2). Raises
-    ValueError, one line, for a folder without a template or a template that fails."""
-    template = read_json(folder, 'tokenizer_config.json').get('chat_template')
+    jinja2's sandbox, so a stranger's template cannot run code (pip install jinja2), within
+    RENDER_SECONDS and RENDER_CHARS, so it cannot hang or fill the memory. Raises ValueError, one line
+    naming the template's file, for a folder without a template or a template that fails."""
+    config = read_json(folder, 'tokenizer_config.json')
+    template, source = config.get('chat_template'), os.path.join(folder, 'tokenizer_config.json')
     path = os.path.join(folder, 'chat_template.jinja')
     if os.path.isfile(path):
-        with open(path) as f:
-            template = f.read()
+        with open(path, encoding='utf-8', errors='replace') as f:
+            template, source = f.read(), path
     if not isinstance(template, str):
         raise ValueError(f"{folder} has no chat template (chat_template.jinja, or chat_template in tokenizer_config.json)")
     try:
@@ -164,27 +244,64 @@ def chat_prompt(folder, message):
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
         raise ValueError("a chat template needs the jinja2 package: pip install jinja2") from None
-    config = read_json(folder, 'tokenizer_config.json')
     token = lambda name: (config.get(name) or {}).get('content', '') if isinstance(config.get(name), dict) else config.get(name) or ''
 
     def raise_exception(text):  # what templates call on a conversation they do not take
         raise TemplateError(text)
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=['jinja2.ext.loopcontrols'])
+    return rendered(environment, template, source, messages=[{'role': 'user', 'content': message}],
+                    add_generation_prompt=True, bos_token=token('bos_token'), eos_token=token('eos_token'),
+                    raise_exception=raise_exception)
+
+
+def rendered(environment, template, source, **context):
+    """The template's text, stopped past RENDER_CHARS, or past RENDER_SECONDS where a timer can
+    interrupt it (a signal: in the main thread). Raises ValueError, one line naming source, for a
+    template that fails (whatever its expressions raise: ZeroDivisionError, TypeError, ...) or is stopped."""
+    def too_long(signum, frame):
+        raise TimeoutError
+    timed = hasattr(signal, 'setitimer') and threading.current_thread() is threading.main_thread()
+    if timed:
+        previous = signal.signal(signal.SIGALRM, too_long)
+        signal.setitimer(signal.ITIMER_REAL, RENDER_SECONDS)
     try:
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=['jinja2.ext.loopcontrols'])
-        return environment.from_string(template).render(
-            messages=[{'role': 'user', 'content': message}], add_generation_prompt=True, bos_token=token('bos_token'),
-            eos_token=token('eos_token'), raise_exception=raise_exception)
-    except TemplateError as e:
-        raise ValueError(f"{folder}'s chat template failed: {e}") from None
+        text, size = [], 0
+        for piece in environment.from_string(template).generate(**context):
+            text.append(piece)
+            size += len(piece)
+            if size > RENDER_CHARS:
+                problem = f"wrote more than {RENDER_CHARS:,} characters: stopped"
+                break
+        else:
+            return ''.join(text)
+    except TimeoutError:
+        problem = f"ran for more than {RENDER_SECONDS} s: stopped"
+    except Exception as e:
+        problem = f"failed: {type(e).__name__}: {e}"
+    finally:
+        if timed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
+    raise ValueError(f"{source}: the chat template {problem}")
 
 
 def read_json(folder, name):
-    """A JSON file of the folder as a dict; {} if the folder has none of that name."""
+    """A JSON file of the folder as a dict; {} if the folder has none of that name. Raises ValueError,
+    one line naming the file, when it is not a JSON object."""
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding='utf-8') as f:
+            value = json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def file_sha256(path):
@@ -201,5 +318,7 @@ def pretrained_checkpoint(folder):
 
 def pretrained_args(folder):
     """The same without its weights: {'model_args', 'meta', 'pretrained': folder} (sharded.py reads
-    each rank's part of the weights itself)."""
-    return dict(model_args=model_args(read_json(folder, 'config.json'), folder), meta=tokenizer_meta(folder), pretrained=folder)
+    each rank's part of the weights itself), once the folder is checked (check_weights)."""
+    args = model_args(read_json(folder, 'config.json'), folder)
+    check_weights(folder, args)
+    return dict(model_args=args, meta=tokenizer_meta(folder), pretrained=folder)

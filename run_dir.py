@@ -5,11 +5,13 @@ built, and tidied after a run that was killed.
 - The hold is an flock on out_dir/train.lock, which the operating system lets go of however the
   holder ends (kill -9 included), so it is never stuck. The file names its holder while held and
   is emptied when the holder lets go: a name found in it by the next run is a run that ended without
-  letting go (killed, or crashed), which that run says as it takes over.
+  letting go (killed, or crashed), which that run says as it takes over. prepare_data.py holds its
+  output folder the same way (hold, with prepare.lock).
 - Before the model is built: out_dir is a folder (or can be one), this process can write there, and
   the disk has room for one more checkpoint beside the last (a save writes aside, then renames).
 - After a kill: temporary checkpoints of processes that are gone are removed (GBs at 1.4B), and a
-  resumed run drops the log rows written after its checkpoint (they are redone).
+  resumed run drops the log rows written after its checkpoint (they are redone), and a last row cut
+  short by the kill (or by a full disk) during its writing.
 - A checkpoint is written aside, flushed to disk, then renamed (save_checkpoint), so a kill or a
   full disk never leaves half a ckpt.pt; sharded.py does the same for sharded checkpoints.
 """
@@ -20,8 +22,6 @@ import os
 import shutil
 import socket
 import tempfile
-
-import torch
 
 try:
     import fcntl
@@ -40,14 +40,10 @@ def claim(out_dir, checkpoint_bytes):
     behind that it made."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"out_dir={out_dir} is a file, not a folder: choose another --out_dir")
-    lock_path = os.path.join(out_dir, LOCK)
-    made = ([] if os.path.exists(lock_path) else [lock_path]) + _missing_folders(out_dir)
-    lock = None
+    lock, made = None, ()
     try:
-        os.makedirs(out_dir, exist_ok=True)
+        lock, made, note = hold(out_dir, LOCK, '--out_dir')
         tempfile.TemporaryFile(dir=out_dir).close()  # can this process make files there?
-        lock = open(lock_path, 'a+')
-        note = _take(lock, out_dir)
         free = shutil.disk_usage(out_dir).free
         need = checkpoint_bytes * MARGIN[0] + MARGIN[1]
         if free < need:
@@ -61,6 +57,26 @@ def claim(out_dir, checkpoint_bytes):
         raise
 
 
+def hold(folder, name, elsewhere):
+    """Hold folder for this process: an flock on folder/name, made (with the folder) if missing.
+    Returns (the open lock file, what was made for it: the file, then folders deepest first, for
+    release to undo, a line about a holder that ended without letting go, or None). Raises ValueError,
+    one line, when another process holds it (elsewhere: the setting that chooses another folder),
+    OSError when the folder or the file cannot be made; then nothing it made stays."""
+    lock_path = os.path.join(folder, name)
+    made = ([] if os.path.exists(lock_path) else [lock_path]) + _missing_folders(folder)
+    lock = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock = open(lock_path, 'a+')
+        return lock, made, _take(lock, folder, elsewhere)
+    except ValueError:  # held: the file is the holder's now, even one this process made a moment before
+        raise
+    except BaseException:
+        release(lock, made)
+        raise
+
+
 def _missing_folders(path):
     """The folders os.makedirs(path) would make, deepest first."""
     made, path = [], os.path.abspath(path)
@@ -70,7 +86,7 @@ def _missing_folders(path):
     return made
 
 
-def _take(lock, out_dir):
+def _take(lock, folder, elsewhere):
     """Lock the file and write this process into it; a line about a holder that never let go, or None."""
     if fcntl is not None:
         try:
@@ -81,7 +97,8 @@ def _take(lock, out_dir):
             lock.seek(0)
             holder = lock.read().strip() or 'a process that has not yet written its name'
             lock.close()
-            raise ValueError(f"{out_dir} is in use by another run ({holder}): let it finish or stop it, or choose another --out_dir") from None
+            raise ValueError(f"{folder} is in use by another run ({holder}): let it finish or stop it, "
+                             f"or choose another {elsewhere}") from None
     lock.seek(0)
     previous = lock.read().strip()
     lock.seek(0)
@@ -89,7 +106,7 @@ def _take(lock, out_dir):
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
     if previous:
-        return f"{out_dir}: taking over from a run that ended without letting go of it ({previous})"
+        return f"{folder}: taking over from a run that ended without letting go of it ({previous})"
     return None
 
 
@@ -126,20 +143,48 @@ def process_alive(pid):
 
 
 def trim_log(log_path, last_step):
-    """Drop the log rows of steps after last_step (a resumed run redoes them), atomically."""
+    """Drop the log rows of steps after last_step (a resumed run redoes them), atomically, and rows
+    that are not JSON objects: a kill or a full disk during an append leaves the last one cut short.
+    Returns a line saying what was dropped for that, or None."""
     if not os.path.exists(log_path):
-        return
-    with open(log_path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line).get('iter', 0) <= last_step]
+        return None
+    with open(log_path, errors='replace') as f:
+        lines = f.read().splitlines()
+    rows, torn = [], []
+    for number, line in enumerate(lines, 1):
+        row = _log_row(line)
+        if row is None and line.strip():
+            torn.append(number)
+        elif row is not None and row['iter'] <= last_step:
+            rows.append(line + '\n')
     tmp = f"{log_path}.tmp{os.getpid()}"
     with open(tmp, 'w') as f:
         f.writelines(rows)
     os.replace(tmp, log_path)
+    if torn == [len(lines)]:
+        return (f"{log_path}: dropped its last row, cut short while it was written (a kill or a full disk): "
+                f"{lines[-1][:60]!r}")
+    if torn:
+        numbers = ', '.join(map(str, torn[:5]))
+        return f"{log_path}: dropped {len(torn)} rows that are not JSON (lines {numbers})"
+    return None
+
+
+def _log_row(line):
+    """A log line as a dict with its step ('iter', 0 if none), or None when it is not one."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(row, dict) or type(row.get('iter', 0)) not in (int, float):
+        return None
+    return {'iter': 0, **row}
 
 
 def save_checkpoint(checkpoint, path):
     """torch.save to a temporary name, on disk, then renamed: an interrupted or failed save leaves the
     old file whole and no temporary one. Raises OSError when the disk refuses (full, read-only, a size limit)."""
+    import torch  # on use: prepare_data.py holds its folders with this module, and needs no torch
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, 'wb') as f:

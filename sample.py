@@ -10,8 +10,10 @@ Generation uses a KV cache under the paper's SM-I inference: every position keep
 had at the training length, so a cached step computes exactly what a full forward pass would. Past
 block_size each new token attends to the last block_size tokens, a length the model was trained at
 (a cache that drops its oldest entry); --sliding_window=False keeps the whole context instead.
+Ctrl-C stops it: the text generated so far is written, then one line, and it exits with 130.
 """
 
+import signal
 import sys
 
 import torch
@@ -49,6 +51,14 @@ def fail(message):
     print(f"sample.py: error: {message}", file=sys.stderr)
     sys.exit(1)
 
+
+def interrupted(signum=None, frame=None, what=''):
+    """Ctrl-C: one line, and the shell's exit status for it (130); what is written stays."""
+    print(f"sample.py: interrupted{what}", file=sys.stderr)
+    sys.exit(130)
+
+
+signal.signal(signal.SIGINT, interrupted)  # until generation, which ends its step and writes what it made
 
 try:
     device = resolve_device(device)
@@ -101,6 +111,17 @@ samples, done = [[] for _ in range(num_samples)], [False] * num_samples
 line, shown = [], ''  # one sample streams: the tokens since the last line break, and how much of their text is written
 if num_samples == 1:
     sys.stdout.write(start)
+stopped = False
+
+
+def stop_generating(signum, frame):
+    """Ctrl-C while generating: the step ends and what was made is written (a second one stops at once)."""
+    global stopped
+    stopped = True
+    signal.signal(signal.SIGINT, interrupted)
+
+
+signal.signal(signal.SIGINT, stop_generating)
 with torch.no_grad(), autocast:
     for step in model.generate_tokens(x, max_new_tokens, temperature, top_k, top_p, use_cache, sliding_window):
         for row, token in enumerate(step[:, 0].tolist()):
@@ -116,10 +137,14 @@ with torch.no_grad(), autocast:
                     sys.stdout.write(text[len(shown):])
                     sys.stdout.flush()
                     line, shown = ([], '') if text.endswith('\n') else (line, text)
-        if all(done):
+        if all(done) or stopped:
             break
+signal.signal(signal.SIGINT, interrupted)
 if num_samples == 1:
     sys.stdout.write(decode(line)[len(shown):] + '\n---------------\n')
 else:
     for tokens in samples:
         sys.stdout.write(start + decode(tokens) + '\n---------------\n')
+if stopped:
+    sys.stdout.flush()  # the text first, then the line
+    interrupted(what=f" after {max(map(len, samples))} new tokens")

@@ -1,9 +1,11 @@
 """prepare_data.py and corpus.py: every input format, the validation rule, exact tokens whatever the
-number of processes, resuming after kill -9, flat memory, and token files past 2^32 tokens."""
+number of processes, resuming after kill -9, one run at a time in a folder, a full disk, token ids
+checked against the vocabulary, flat memory, and token files past 2^32 tokens."""
 
 import gzip
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -17,8 +19,8 @@ import corpus
 import prepare_data
 from bench import peak_memory
 from conftest import REPO, run_script
-from corpus import held_out, random_starts, random_windows, read_windows, sections
-from prepare_data import PrepareError, prepare, tokenizer_from_meta
+from corpus import CorpusError, held_out, random_starts, random_windows, read_windows, sections
+from prepare_data import PrepareError, prepare, read_dataset, tokenizer_from_meta
 
 
 def error_line(result):
@@ -308,7 +310,8 @@ def test_interrupted_run_continues_and_ends_with_the_same_bytes(tmp_path, monkey
         prepare('files', [str(path)], 'char', 'part', out_dir=str(tmp_path / 'data'), chunk_chars=20_000, workers=2)
     monkeypatch.setattr(prepare_data, 'write_json', real)
     part = tmp_path / 'data' / 'part'
-    assert sorted(p.name for p in part.iterdir()) == ['progress.json', 'train.bin.part', 'val.bin.part']
+    assert sorted(p.name for p in part.iterdir()) == ['prepare.lock', 'progress.json', 'train.bin.part',
+                                                      'val.bin.part']
     assert json.loads((part / 'progress.json').read_text())['chunks'] == 3
     (part / 'train.bin.part').open('ab').write(b'half a chunk written when it stopped')
     calls = []
@@ -316,7 +319,8 @@ def test_interrupted_run_continues_and_ends_with_the_same_bytes(tmp_path, monkey
     prepare('files', [str(path)], 'char', 'part', out_dir=str(tmp_path / 'data'), chunk_chars=20_000, workers=1)
     for split in ('train', 'val'):
         assert (part / f"{split}.bin").read_bytes() == (tmp_path / 'data' / 'whole' / f"{split}.bin").read_bytes()
-    assert sorted(p.name for p in part.iterdir()) == ['meta.json', 'train.bin', 'val.bin']
+    assert sorted(p.name for p in part.iterdir()) == ['meta.json', 'prepare.lock', 'train.bin', 'val.bin']
+    assert (part / 'prepare.lock').read_text() == ''  # let go
     splits = {'all': prepare_data.from_files([str(path)], 'text')}
     assert len(calls) == sum(1 for _ in prepare_data.chunks_of(splits, 0.1, 20_000, corpus.Tally())) - 3  # the first three kept
 
@@ -336,6 +340,8 @@ def test_kill_9_then_the_same_command_continues(tmp_path):
     proc.wait()
     result = run_script(*command, '--name=killed', cwd=tmp_path)
     assert 'continuing data/killed after chunk' in result.stdout
+    assert f'data/killed: taking over from a run that ended without letting go of it (pid {proc.pid} on ' \
+        in result.stdout
     for name in ('train.bin', 'val.bin', 'meta.json'):
         assert (tmp_path / 'data' / 'killed' / name).read_bytes() == (tmp_path / 'data' / 'whole' / name).read_bytes()
     assert not progress.exists()
@@ -378,6 +384,92 @@ def test_interrupted_prepare_keeps_the_old_dataset(tmp_path, monkeypatch):
     # the .bin files were replaced whole but meta.json was not: train.py sees the mismatch and says so
     result = run_script('train.py', '--dataset=data/ds', '--block_size=8', '--max_iters=1', cwd=tmp_path, expect_ok=False)
     assert result.returncode == 1 and 'rerun prepare_data.py' in result.stderr
+
+
+def test_one_run_at_a_time_in_a_folder(tmp_path, gpt2_offline):
+    """The fault of issue 25: two runs with one name and two tokenizers. The second is refused while
+    the first writes there (one line naming it), and the first's dataset is whole and of one
+    tokenizer; once it is done, the second runs."""
+    path = write_documents(tmp_path / 'in', generated_corpus(6000, seed=3), 'jsonl')
+    common = ['--input', str(path), '--name=same', '--chunk_chars=50000', '--workers=1']
+    command = [sys.executable, os.path.join(REPO, 'prepare_data.py'), *common, '--tokenizer=char']
+    first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    progress = tmp_path / 'data' / 'same' / 'progress.json'
+    deadline = time.time() + 120
+    while not progress.exists():
+        assert first.poll() is None and time.time() < deadline, 'the first run ended before it wrote a chunk'
+        time.sleep(0.01)
+    second = run_script('prepare_data.py', *common, '--tokenizer=gpt2', cwd=tmp_path, expect_ok=False)
+    assert second.returncode == 1 and error_line(second).startswith(
+        f'prepare_data.py: error: data/same is in use by another run (pid {first.pid} on ')
+    assert first.wait(timeout=300) == 0, first.communicate()[1][-2000:]
+    meta = read_dataset(str(tmp_path / 'data' / 'same'))
+    _, ids = load_tokens(tmp_path / 'data' / 'same')
+    largest = max(ids['train'].max(), ids['val'].max())
+    assert meta['tokenizer'] == 'char' and largest == meta['max_token_id'] < meta['vocab_size']
+    run_script('prepare_data.py', *common, '--tokenizer=gpt2', cwd=tmp_path)
+    meta, ids = load_tokens(tmp_path / 'data' / 'same')
+    largest = max(ids['train'].max(), ids['val'].max())
+    assert meta['tokenizer'] == 'gpt2' and largest == meta['max_token_id'] > 255
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """A write the disk refuses (a file-size limit, ulimit -f: the refusal a full disk gives) ends the
+    run in one line naming the file and the room there; its unfinished files are removed, and the
+    folder it made with them."""
+    limit = 100_000  # bytes: pydoc's text is about 900 kB of character ids
+    command = [sys.executable, os.path.join(REPO, 'prepare_data.py'), '--tokenizer=char',
+               '--chunk_chars=20000', '--workers=1']
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert result.returncode == 1
+    line = error_line(result)
+    assert line.startswith('prepare_data.py: error: cannot write data/pydoc_char/train.bin.part: '
+                           'File too large (')
+    assert 'MiB free there); the unfinished dataset is removed' in line
+    assert not (tmp_path / 'data').exists()
+
+# ---------------------------------------------------------------------------------------------------
+# token ids within the vocabulary: recorded when written, checked when read
+
+
+def test_the_largest_token_id_is_recorded_and_checked(tmp_path):
+    """meta.json records the largest token id; read_dataset refuses a meta.json whose vocabulary it
+    passes, or whose numbers are of the wrong type, in one line; a dataset written before the largest
+    id was recorded still loads."""
+    dest, meta = prepare('pydoc', [], 'char', 'ds', out_dir=str(tmp_path / 'data'), workers=1)
+    _, ids = load_tokens(dest)
+    largest = max(ids['train'].max(), ids['val'].max())
+    assert meta['max_token_id'] == largest == read_dataset(dest)['max_token_id']
+    path = tmp_path / 'data' / 'ds' / 'meta.json'
+    largest = f"its token ids reach {meta['max_token_id']} (max_token_id), past its vocab_size of 10"
+    for change, message in ((dict(vocab_size=10), 'vocab_size is 10, but its character table has'),
+                            (dict(vocab_size=10, chars=meta['chars'][:10]), largest),
+                            (dict(vocab_size='76'), "vocab_size is '76', not a positive whole number"),
+                            (dict(vocab_size=None), 'vocab_size is None, not a positive whole number'),
+                            (dict(train_tokens=1.5), 'train_tokens is 1.5, not a whole number'),
+                            (dict(dtype='int8'), "dtype is 'int8', not uint16 or uint32")):
+        path.write_text(json.dumps({**meta, **change}))
+        with pytest.raises(PrepareError) as e:
+            read_dataset(dest)
+        line = str(e.value)
+        assert line.startswith(f'{dest}/meta.json: {message}') and '\n' not in line, line
+    older = {k: v for k, v in meta.items() if k != 'max_token_id'}
+    path.write_text(json.dumps(older))
+    assert read_dataset(dest) == older
+
+
+def test_windows_read_are_checked_against_the_vocabulary(tmp_path):
+    """corpus.read_windows, given the vocabulary, refuses an id past it in what it read, naming the
+    file (a dataset mixed from two tokenizers, or edited after meta.json was written)."""
+    path = tmp_path / 'train.bin'
+    ids = np.arange(100, dtype=np.uint16) % 50
+    ids[70] = 50256
+    ids.tofile(path)
+    x, y = read_windows(str(path), 'uint16', 100, [0, 10], 8, vocab_size=50)
+    assert x.max() < 50 and y.max() < 50
+    with pytest.raises(CorpusError, match=f'{path} holds token id 50256, past the vocabulary of 50 in'):
+        read_windows(str(path), 'uint16', 100, [0, 65], 8, vocab_size=50)
 
 # ---------------------------------------------------------------------------------------------------
 # memory, and token files past 2^32 tokens

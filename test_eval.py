@@ -120,7 +120,8 @@ def test_the_dataset_it_trained_on_by_default_and_bad_input(trained, tmp_path):
         assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
     (trained / 'data' / 'wrong').mkdir(exist_ok=True)
     meta = json.loads((trained / 'data' / 'pydoc_char' / 'meta.json').read_text())
-    (trained / 'data' / 'wrong' / 'meta.json').write_text(json.dumps({**meta, 'chars': meta['chars'][:-1]}))
+    other = meta['chars'][:-1] + ['\u2603']  # a table of the same size, one character another
+    (trained / 'data' / 'wrong' / 'meta.json').write_text(json.dumps({**meta, 'chars': other}))
     for split in ('train', 'val'):
         os.link(trained / 'data' / 'pydoc_char' / f'{split}.bin', trained / 'data' / 'wrong' / f'{split}.bin')
     result = evaluate(trained, '--dataset=wrong', expect_ok=False)

@@ -105,6 +105,91 @@ def test_pickled_weights_are_refused(tmp_path):
         GPT.from_pretrained(str(tmp_path))
 
 
+def edit_json(path, change):
+    value = json.loads(path.read_text())
+    change(value)
+    path.write_text(json.dumps(value))
+
+
+def drop_tensor(path, name):
+    from safetensors.torch import load_file, save_file
+    weights = load_file(path)
+    del weights[name]
+    save_file(weights, path, metadata={'format': 'pt'})
+
+
+def break_folder(folder, fault):
+    """One fault in a folder saved by save_model; returns the error's start, after the folder's name."""
+    config, weights = folder / 'config.json', folder / 'model.safetensors'
+    if fault == 'config.json without a field':
+        edit_json(config, lambda c: c.pop('hidden_size'))
+        return '/config.json has no hidden_size'
+    if fault == 'a field of the wrong type':
+        edit_json(config, lambda c: c.update(num_attention_heads='2'))
+        return "/config.json: num_attention_heads='2', expected a positive whole number"
+    if fault == 'config.json not JSON':
+        config.write_text('{"vocab_size": 97,')
+        return '/config.json is not valid JSON: '
+    if fault == 'config.json not an object':
+        config.write_text('[1, 2]')
+        return '/config.json holds a JSON list, not an object'
+    if fault == 'a truncated safetensors file':
+        weights.write_bytes(weights.read_bytes()[:5000])
+        return '/model.safetensors is not a whole safetensors file (cut short, or damaged): '
+    if fault == 'a shape other than config.json says':
+        edit_json(config, lambda c: c.update(intermediate_size=80))
+        return ('/model.safetensors: model.layers.0.mlp.up_proj.weight is [96, 64], the model of config.json '
+                'needs [80, 64]')
+    if fault == 'a layer missing':
+        edit_json(config, lambda c: c.update(num_hidden_layers=3))
+        return ': no tensor in its safetensors files for transformer.h.2.ln_1.weight'
+    drop_tensor(weights, 'model.layers.1.self_attn.q_proj.weight')
+    return ': layer 1 has no self_attn.q_proj.weight beside its model.layers.1.self_attn.k_proj.weight'
+
+
+@pytest.mark.parametrize('fault', ['config.json without a field', 'a field of the wrong type',
+                                   'config.json not JSON', 'config.json not an object',
+                                   'a truncated safetensors file', 'a shape other than config.json says',
+                                   'a layer missing', 'q_proj missing'])
+def test_a_broken_folder_is_one_value_error_before_any_model(tmp_path, fault):
+    """pretrained_args (what train.py --fsdp=True reads before each process reads its rows) checks the
+    folder whole: each fault a ValueError, one line naming the file; the full load says the same."""
+    from model import load_checkpoint
+    folder = tmp_path / 'model'
+    save_model(folder, 'Llama', num_attention_heads=2)
+    message = break_folder(folder, fault)
+    for weights in (False, True):
+        with pytest.raises(ValueError) as e:
+            load_checkpoint(str(folder), weights=weights)
+        assert str(e.value).startswith(f'{folder}{message}') and '\n' not in str(e.value), str(e.value)
+
+
+def test_a_broken_index_is_one_value_error(tmp_path):
+    """model.safetensors.index.json: a shard it names that does not hold the tensor it names, or that
+    is missing, or no weight_map at all."""
+    from pretrained import pretrained_args
+    save_model(tmp_path, 'Llama', num_attention_heads=2, shard='40KB')
+    index = tmp_path / 'model.safetensors.index.json'
+    weight_map = json.loads(index.read_text())['weight_map']
+    shards = sorted(set(weight_map.values()))
+    name = next(n for n, s in weight_map.items() if s == shards[0])
+    for shard, message in ((shards[1], f'{index} puts {name} in {shards[1]}, which does not hold it'),
+                           ('gone.safetensors', f'{index} names gone.safetensors, which is not in')):
+        edit_json(index, lambda i: i['weight_map'].update({name: shard}))
+        with pytest.raises(ValueError, match=re.escape(message)):
+            pretrained_args(str(tmp_path))
+    index.write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match=re.escape(f'{index} has no weight_map of tensor names to files')):
+        pretrained_args(str(tmp_path))
+
+
+def test_a_tokenizer_file_that_is_not_one(tmp_path):
+    from prepare_data import PrepareError, hf_tokenizer
+    (tmp_path / 'tokenizer.json').write_text('{"not": "a tokenizer"}')
+    message = f'{tmp_path}/tokenizer.json is not a tokenizer the tokenizers library reads: '
+    with pytest.raises(PrepareError, match=re.escape(message)):
+        hf_tokenizer(str(tmp_path))
+
 # ---------------------------------------------------------------------------------------------------
 # the scripts on a Hugging Face folder: prepare_data.py, train.py, sample.py, experiments.py
 

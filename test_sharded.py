@@ -2,8 +2,10 @@
 process, resume across world sizes, a kill -9 during a save, every attention path sharded, sample.py
 and consolidation, and a pretrained folder loaded with each rank reading only its shards."""
 
+import io
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 import pytest
 import torch
 
+import sharded
 from conftest import REPO, run_script
 from model import load_checkpoint
 from test_train import TINY, assert_same_rows, rows_of, worker_pids, workdir  # noqa: F401 (workdir: the data/pydoc_char fixture)
@@ -38,8 +41,20 @@ def test_fsdp_follows_one_process_and_resumes_on_any_number(workdir, alone):
     four = run_script('train.py', '--init_from=resume', '--out_dir=out-fsdp', '--max_iters=40', cwd=workdir, torchrun=4)
     assert 'on 4 process(es)' in four.stdout
     assert_same_rows(rows_of(out), alone)
-    result = run_script('train.py', '--init_from=resume', '--out_dir=out-fsdp', '--fsdp=False', cwd=workdir, expect_ok=False)
-    assert result.returncode == 1 and 'holds a sharded checkpoint: it resumes with --fsdp=True' in result.stderr
+
+
+def test_a_run_changes_between_ddp_and_fsdp_when_it_resumes(workdir, alone):
+    """A single-file run resumed with --fsdp=True (each rank keeps its part of the model and of AdamW's
+    state), then resumed again with --fsdp=False (the sharded checkpoint read whole): the log of one
+    unsharded process, and each save leaves only its own form of checkpoint behind."""
+    out = workdir / 'out-both'
+    run_script('train.py', *FSDP, '--max_iters=20', f'--out_dir={out.name}', cwd=workdir)
+    run_script('train.py', '--init_from=resume', f'--out_dir={out.name}', '--max_iters=30', '--fsdp=True', cwd=workdir, torchrun=2)
+    assert (out / 'ckpt.dcp').exists() and not (out / 'ckpt.pt').exists()
+    run_script('train.py', '--init_from=resume', f'--out_dir={out.name}', '--max_iters=40', '--fsdp=False', cwd=workdir, torchrun=2)
+    assert (out / 'ckpt.pt').exists() and not (out / 'ckpt.dcp').exists()
+    assert not [p for p in out.iterdir() if p.name.startswith('ckpt.dcp')]
+    assert_same_rows(rows_of(out), alone)
 
 
 @pytest.mark.skipif(not os.path.isdir('/proc'), reason='finds the ranks in /proc (Linux)')
@@ -99,20 +114,95 @@ def test_sample_reads_a_sharded_checkpoint_and_one_command_consolidates_it(workd
     assert load_checkpoint(str(folder))['iter_num'] == 45
 
 
-def test_a_strangers_sharded_checkpoint_cannot_run_code(workdir, tmp_path):
-    """DCP's .metadata is a pickle: ours is read by an unpickler that builds DCP's classes only, so a
-    checkpoint whose metadata would run code is refused, in one line, before anything reads it."""
-    import pickle
-    run_script('train.py', *TINY, '--fsdp=True', '--max_iters=2', '--eval_interval=2', f'--out_dir={tmp_path / "mine"}', cwd=workdir)
+def _text(s):
+    """A pickle SHORT_BINUNICODE opcode."""
+    return b'\x8c' + bytes([len(s.encode())]) + s.encode()
 
-    class Exploit:
+
+def _call(module, name, *args):
+    """Pickle opcodes that look up module.name (STACK_GLOBAL, which walks a dotted name through
+    attributes) and call it with string arguments."""
+    return _text(module) + _text(name) + b'\x93' + b'(' + b''.join(map(_text, args)) + b't' + b'R'
+
+
+def metadata_exploits(marker):
+    """Pickles that would run `touch marker` if unpickled by pickle itself: through a dotted name
+    inside an allowed module, builtins, a __reduce__ to os.system, and allowed names misused."""
+    command = f'touch {marker}'
+    ops = {
+        'dotted name via an allowed module': _call('torch.distributed.checkpoint.metadata', 'os.system', command),
+        'dotted name via torch': _call('torch', 'serialization.os.system', command),
+        'a module of an allowed module': _call('torch.distributed.checkpoint.metadata', 'os', ''),
+        'builtins.eval': _call('builtins', 'eval', f"__import__('os').system({command!r})"),
+        'builtins.__import__': _call('builtins', '__import__', 'os'),
+        'builtins.getattr': _text('builtins') + _text('getattr') + b'\x93(' + _call('builtins', '__import__', 'os')
+        + _text('system') + b'tR(' + _text(command) + b'tR',
+        'torch.load': _call('torch', 'load', str(marker)),
+    }
+    exploits = {name: b'\x80\x04' + body + b'.' for name, body in ops.items()}
+
+    class Reduce:
         def __reduce__(self):
-            return (os.system, (f'touch {tmp_path / "pwned"}',))
-    (tmp_path / 'mine' / 'ckpt.dcp' / '.metadata').write_bytes(pickle.dumps(Exploit()))
-    for script, args in (('sample.py', [f'--init_from={tmp_path / "mine"}']), ('train.py', ['--init_from=resume', f'--out_dir={tmp_path / "mine"}'])):
-        result = run_script(script, *args, '--device=cpu', cwd=tmp_path, expect_ok=False)
-        assert result.returncode == 1 and 'refused because loading them could run code' in result.stderr
-        assert result.stderr.strip().count('\n') == 0 and not (tmp_path / 'pwned').exists()
+            return (os.system, (command,))
+    exploits['__reduce__ to os.system'] = pickle.dumps(Reduce())
+    return exploits
+
+
+def test_a_strangers_sharded_checkpoint_cannot_run_code(workdir, tmp_path):
+    """DCP's .metadata is a pickle: ours is read by an unpickler that builds exact (module, name) pairs
+    of DCP's classes only, so metadata that would run code is refused, in one line naming the file,
+    before anything is built, by every script that reads a checkpoint."""
+    run_script('train.py', *TINY, '--fsdp=True', '--max_iters=2', '--eval_interval=2', f'--out_dir={tmp_path / "mine"}', cwd=workdir)
+    metadata = tmp_path / 'mine' / 'ckpt.dcp' / '.metadata'
+    good = metadata.read_bytes()
+    marker = tmp_path / 'pwned'
+    for name, payload in metadata_exploits(marker).items():
+        metadata.write_bytes(payload)
+        with pytest.raises(ValueError, match='refused because loading them could run code'):
+            sharded.safe_metadata(str(metadata.parent))
+        assert not marker.exists(), name
+    metadata.write_bytes(metadata_exploits(marker)['dotted name via an allowed module'])  # the exploit that got through before
+    for script, args in (('sample.py', [f'--init_from={tmp_path / "mine"}']), ('sharded.py', [tmp_path / 'mine']),
+                         ('eval.py', [f'--init_from={tmp_path / "mine"}', '--dataset=pydoc_char']),
+                         ('train.py', ['--init_from=resume', f'--out_dir={tmp_path / "mine"}', '--fsdp=True'])):
+        result = run_script(script, *args, *(['--device=cpu'] if script != 'sharded.py' else []), cwd=workdir, expect_ok=False)
+        assert result.returncode == 1 and 'refused because loading them could run code' in result.stderr, (script, result.stderr)
+        assert result.stderr.strip().count('\n') == 0 and os.path.realpath(metadata) in result.stderr and not marker.exists(), script
+    metadata.write_bytes(good)
+    assert sharded.safe_metadata(str(metadata.parent)).state_dict_metadata
+
+
+def test_a_strangers_sharded_values_cannot_run_code(workdir, tmp_path):
+    """DCP stores what is not a tensor (AdamW's learning rate, betas, ...) as pickles in its data files and
+    reads them with torch.load(weights_only=False): a checkpoint whose values would run code is refused in
+    one line before anything is built, and DCP's loading itself goes through torch.load(weights_only=True)."""
+    import torch.distributed.checkpoint as dcp
+    run_script('train.py', *TINY, '--fsdp=True', '--max_iters=2', '--eval_interval=2', f'--out_dir={tmp_path / "mine"}', cwd=workdir)
+    folder = os.path.realpath(tmp_path / 'mine' / 'ckpt.dcp')
+    state = {}
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    _load_state_dict(state, storage_reader=sharded.SafeReader(folder), planner=sharded.SafeEverythingPlanner(), no_dist=True)
+    marker = tmp_path / 'pwned'
+
+    class Reduce:
+        def __reduce__(self):
+            return (os.system, (f'touch {marker}',))
+    state['optimizer']['param_groups'][0]['lr'] = Reduce()
+    os.remove(os.path.join(folder, '.metadata'))
+    dcp.save(state, checkpoint_id=folder, no_dist=True)
+    for script, args in (('sharded.py', [tmp_path / 'mine']),
+                         ('train.py', ['--init_from=resume', f'--out_dir={tmp_path / "mine"}', '--fsdp=True', '--device=cpu'])):
+        result = run_script(script, *args, cwd=workdir, expect_ok=False)
+        assert result.returncode == 1 and 'optimizer.param_groups.0.lr' in result.stderr, (script, result.stderr)
+        assert result.stderr.strip().count('\n') == 0 and not marker.exists(), script
+    planner = sharded.SafePlanner()
+    read = torch.load  # DCP's own planner would load the value with weights_only=False
+    with pytest.raises(pickle.UnpicklingError):
+        buffer = io.BytesIO()
+        torch.save(Reduce(), buffer)
+        buffer.seek(0)
+        sharded._load_bytes(planner, None, buffer)
+    assert read is torch.load and not marker.exists()
 
 
 EVERY_PATH = r'''
@@ -124,7 +214,7 @@ dist.init_process_group('gloo')
 rank, world = dist.get_rank(), dist.get_world_size()
 VARIANTS = [dict(), dict(attn_mask='causal'), dict(n_kv_head=1), dict(sink_logit='learned'), dict(sink_token='learned'),
             dict(pos_enc='alibi', attn_impl='reference'), dict(pos_enc='learned'), dict(pos_enc='none', sm_gamma=0.0, sm_offset=-1.0),
-            dict(attn_mask='causal', sink_logit='zero', attn_impl='triton')]
+            dict(attn_mask='causal', sink_logit='zero', attn_impl='triton'), dict(attn_gate='elementwise')]
 for variant in VARIANTS:
     config = GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=50), **variant})
     torch.manual_seed(0)
@@ -153,7 +243,7 @@ def test_every_attention_path_under_fsdp(tmp_path):
     result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600,
                             env={**os.environ, 'REPO': REPO, 'OMP_NUM_THREADS': '1'})
-    assert result.returncode == 0 and 'ok 9' in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 0 and 'ok 10' in result.stdout, result.stderr[-3000:]
 
 
 LOAD_SHARDS = r'''

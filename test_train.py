@@ -684,3 +684,91 @@ def test_eval_only_changes_nothing(workdir, trained):
     result = run_script('train.py', '--init_from=resume', f'--out_dir={trained.name}', '--eval_only=True', cwd=workdir)
     assert 'step 80: train loss' in result.stderr + result.stdout
     assert {p.name: p.read_bytes() for p in trained.iterdir()} == before
+
+
+def strict_rows(out_dir):
+    """log.jsonl's rows, read as strict JSON (NaN and Infinity refused)."""
+    def refuse(constant):
+        raise ValueError(f"{constant} in log.jsonl")
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line, parse_constant=refuse) for line in f]
+
+
+@pytest.mark.parametrize('processes', [1, 2])
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(workdir, processes):
+    """A run resumed with a learning rate that makes it diverge stops at the step its loss or gradient
+    norm stops being finite, every process together, with one line naming the step and what to try;
+    the good checkpoint stays byte for byte, and the log holds strict JSON only."""
+    out = workdir / f'out-diverge-{processes}'
+    args = [*TINY, '--gradient_accumulation_steps=2', '--eval_interval=10', f'--out_dir={out.name}']
+    run_script('train.py', *args, '--max_iters=10', cwd=workdir, torchrun=processes if processes > 1 else 0)
+    good = (out / 'ckpt.pt').read_bytes()
+    result = run_script('train.py', '--init_from=resume', f'--out_dir={out.name}', '--max_iters=40', '--learning_rate=1e4',
+                        cwd=workdir, expect_ok=False, torchrun=processes if processes > 1 else 0)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith('train.py: error:')]
+    assert len(lines) == 1 and 'the run diverged' in lines[0] and 'a lower --learning_rate (now 10000)' in lines[0], result.stderr
+    assert f'{out.name}/ckpt.pt still holds step 10' in lines[0]
+    step = int(lines[0].split('step ')[1].split(':')[0])
+    assert 10 < step < 40 and (out / 'ckpt.pt').read_bytes() == good
+    assert all(r['iter'] <= step for r in strict_rows(out))
+
+
+def test_a_run_diverging_from_the_start_saves_nothing(workdir):
+    out = workdir / 'out-diverge-new'
+    result = run_script('train.py', *TINY, '--max_iters=40', '--eval_interval=20', '--learning_rate=1e4', '--warmup_iters=0',
+                        f'--out_dir={out.name}', cwd=workdir, expect_ok=False)
+    lines = [line for line in result.stderr.splitlines() if 'error' in line]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert 'the run diverged' in lines[0] and 'no checkpoint was saved' in lines[0]
+    assert not (out / 'ckpt.pt').exists()
+    strict_rows(out)
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc'), reason='finds the ranks in /proc (Linux)')
+def test_torchrun_restarts_continue_the_run(workdir):
+    """torchrun --max-restarts=1: a worker killed mid-run (kill -9), torchrun starts the same command
+    again, which continues from the last checkpoint: the job succeeds and its log is an uninterrupted
+    run's, row for row."""
+    args = [*TINY, '--gradient_accumulation_steps=2', '--eval_interval=10', '--max_iters=60']
+    run_script('train.py', *args, '--out_dir=out-uninterrupted', cwd=workdir, torchrun=2)
+    out = workdir / 'out-restarted'
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--max-restarts=1',
+               os.path.join(REPO, 'train.py'), *args, f'--out_dir={out.name}']
+    proc = subprocess.Popen(command, cwd=workdir, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(proc, lambda: (out / 'ckpt.pt').exists() and logged_step(out, 25)(), 'a checkpoint and a few steps after it')
+    os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=3600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert 'continuing its run (restart 1 of this torchrun job)' in stdout, stdout[-3000:]
+    assert_same_rows(rows_of(out), rows_of(workdir / 'out-uninterrupted'))
+
+
+def test_a_restart_does_not_continue_another_jobs_run(workdir):
+    """A job whose first attempt was refused (the folder holds an earlier run) is refused again on its
+    restart: a restart continues only the run its own job started."""
+    out = workdir / 'out-other-job'
+    run_script('train.py', *TINY, '--max_iters=10', '--eval_interval=10', f'--out_dir={out.name}', cwd=workdir)
+    before = (out / 'ckpt.pt').read_bytes()
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1', '--max-restarts=1',
+               os.path.join(REPO, 'train.py'), *TINY, '--max_iters=20', f'--out_dir={out.name}']
+    result = subprocess.run(command, cwd=workdir, env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True,
+                            timeout=3600)
+    assert result.returncode != 0 and result.stderr.count('holds a run already') == 2, result.stderr[-3000:]
+    assert (out / 'ckpt.pt').read_bytes() == before
+
+
+def test_auto_resume_starts_a_run_then_continues_it(workdir):
+    """auto_resume=True, for a scheduler's requeue: the same command starts the run where there is none,
+    and continues it after a stop (here SIGTERM) to the log of an uninterrupted run."""
+    args = [*TINY, '--max_iters=40', '--eval_interval=10', '--auto_resume=True']
+    run_script('train.py', *args, '--out_dir=out-auto-whole', cwd=workdir)
+    out = workdir / 'out-auto'
+    first = start_training(workdir, out.name, *args[len(TINY):])
+    wait_for(first, logged_step(out, 15), 'a few steps')
+    first.send_signal(signal.SIGTERM)
+    first.communicate()
+    result = run_script('train.py', *args, f'--out_dir={out.name}', cwd=workdir)
+    assert f'{out.name}: continuing its run (auto_resume)' in result.stdout
+    assert_same_rows(rows_of(out), rows_of(workdir / 'out-auto-whole'))

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from configurator import check_rules, configure_script
 import run_dir
 import sharded
-from corpus import random_windows
+from corpus import CorpusError, random_windows
 from model import (CONFIG_CHOICES, GPT, GPTConfig, autocast_for, checkpoint_file, gpu_peak_flops, load_checkpoint,
                    model_from_checkpoint, resolve_device)
 from prepare_data import PrepareError, dataset_folder, read_dataset, tokenizer_mismatch
@@ -50,6 +51,7 @@ log_interval = 10
 eval_iters = 50  # batches per evaluation
 eval_only = False
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt, with its run's settings), a checkpoint (file or folder), or a Hugging Face LLaMA-family model's folder to fine-tune
+auto_resume = False  # continue the run in out_dir if it holds one, else start as init_from says (a scheduler's requeue)
 # data
 dataset = 'pydoc_char'  # a folder made by prepare_data.py: a name under data/, or a path
 gradient_accumulation_steps = 1  # micro-batches per step, all processes together: a multiple of the process count
@@ -67,6 +69,7 @@ sm_gamma = None  # None: per-head ALiBi slopes (the paper's); a float: one decay
 sm_offset = 0.0  # added to every pseudo score (with sm_gamma=0.0: the paper's 'constant' pseudo value)
 sink_logit = 'none'  # 'learned': a logit per head of a virtual key of value 0 (gpt-oss); 'zero': softmax off by one
 sink_token = 'none'  # 'learned' or 'fixed': an embedding prepended to every sequence (the paper's sink token baselines)
+attn_gate = 'none'  # 'elementwise': a sigmoid gate per head and channel on attention's output (Qwen3-Next)
 pos_enc = 'rope'  # 'rope', 'alibi', 'learned', 'none'
 attn_impl = 'auto'  # 'auto', 'triton', 'sdpa', 'reference'
 # AdamW
@@ -102,11 +105,11 @@ RULES = dict(  # what each setting allows; configurator.check_rules applies them
     lr_decay_iters='>=0', min_lr='>=0', mask_warmup_iters='>=0', ddp_timeout='>0', peak_flops='>=0', **CONFIG_CHOICES,
     lr_schedule=('cosine', 'linear', 'constant'), backend=('auto', 'nccl', 'gloo'),
     dtype=('auto', 'float32', 'bfloat16', 'float16'))
-ARCHITECTURE = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'bias', 'pos_enc', 'sink_logit', 'sink_token')  # a checkpoint's own; never changed by resuming or fine-tuning
+ARCHITECTURE = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'bias', 'pos_enc', 'sink_logit', 'sink_token', 'attn_gate')  # a checkpoint's own; never changed by resuming or fine-tuning
 ATTENTION = ('attn_mask', 'sm_gamma', 'sm_offset')  # the same model with another mask: a fine-tune, not a resumed run
 ADJUSTABLE = ('block_size', 'dropout') + ATTENTION  # a fine-tune keeps the checkpoint's unless given
 MODEL_DEFAULTS = vars(GPTConfig())  # for checkpoints older than a setting
-WHERE = ('out_dir', 'init_from', 'overwrite', 'eval_only')  # what this command does with a run, not the run: never restored
+WHERE = ('out_dir', 'init_from', 'auto_resume', 'overwrite', 'eval_only')  # what this command does with a run, not the run: never restored
 
 config, given = configure_script(globals(), sys.argv[1:], rules=RULES)
 # the process's place among torchrun's, set after the settings are read so that they never become a
@@ -160,16 +163,44 @@ def check_against_checkpoint(model_args, source):
             fail(f"{key}={given[key]!r}, but {source} has {key}={theirs!r}: {hint}")
 
 
-# a run to resume brings its settings, before anything else is decided
-checkpoint = None
-if init_from != 'scratch':
-    source = out_dir if init_from == 'resume' else init_from
+def read_checkpoint(source):
+    """load_checkpoint(source), or one line and exit 1."""
     try:
-        checkpoint = load_checkpoint(source, 'cpu', weights=not fsdp)  # under FSDP each rank reads its shards later
+        return load_checkpoint(source, 'cpu', weights=not fsdp)  # under FSDP each rank reads its shards later
     except ValueError as e:
         if init_from == 'resume' and not has_checkpoint(out_dir) and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
             fail(f"{e}: the run there stopped before its first save; the same command without --init_from=resume starts it again")
         fail(e)
+
+
+def torchrun_job():
+    """What the attempts of one torchrun job share and no other job does: its rendezvous id, or where
+    it has none ('none' unless --rdzv_id is given) the torchrun process that starts this node's
+    attempts, our parent. None outside torchrun."""
+    if 'TORCHELASTIC_RESTART_COUNT' not in os.environ:
+        return None
+    run_id = os.environ.get('TORCHELASTIC_RUN_ID', 'none')
+    return run_id if run_id != 'none' else f"{socket.gethostname()}:{os.getppid()}"
+
+
+# A run that continues by itself: torchrun --max-restarts starts the same command again after a failure
+# (TORCHELASTIC_RESTART_COUNT says which restart), and with auto_resume so does a scheduler's requeue.
+# Either continues the run in out_dir; a restart, only the run this job started (it is saved with it).
+JOB, restart = torchrun_job(), int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
+checkpoint = None
+if init_from != 'resume' and (auto_resume or restart) and has_checkpoint(out_dir):
+    held = read_checkpoint(out_dir)
+    if auto_resume or held.get('job') == JOB:
+        say(f"{out_dir}: continuing its run ({'auto_resume' if auto_resume else f'restart {restart} of this torchrun job'})")
+        checkpoint, init_from = held, 'resume'
+        for key in ('init_from', 'overwrite'):  # the command line that started the run: not a change to it
+            given.pop(key, None)
+        config.update(init_from='resume', overwrite=False)
+
+# a run to resume brings its settings, before anything else is decided
+if init_from != 'scratch':
+    source = out_dir if init_from == 'resume' else init_from
+    checkpoint = checkpoint or read_checkpoint(source)
     check_against_checkpoint(checkpoint['model_args'], checkpoint_file(source))
     if init_from == 'resume':
         config = resumed_config(checkpoint)
@@ -185,9 +216,8 @@ try:
 except ValueError as e:
     fail(e)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if init_from == 'resume' and fsdp != ('sharded' in checkpoint):
-    fail(f"{out_dir} holds a {'sharded' if 'sharded' in checkpoint else 'single-file'} checkpoint: it resumes with "
-         f"--fsdp={'sharded' in checkpoint} (python sharded.py {out_dir} makes a sharded one a single file)")
+if init_from == 'resume' and not fsdp and 'sharded' in checkpoint:  # a sharded run continued unsharded: read it whole
+    checkpoint = {**checkpoint, **sharded.read_whole(checkpoint['sharded'])}
 if fsdp and dtype == 'float16':
     fail("fsdp=True takes bfloat16 or float32 (float16's loss scaling is not sharded here)")
 if mask_warmup_iters and attn_mask != 'stablemask':
@@ -239,8 +269,14 @@ def batch_generator(*key):
 
 
 def get_batch(split, generator):
-    x, y = random_windows(os.path.join(data_dir, f"{split}.bin"), meta['dtype'], meta[f"{split}_tokens"], block_size,
-                          batch_size, generator)
+    path = os.path.join(data_dir, f"{split}.bin")
+    try:  # the ids read are checked against the vocabulary: a mixed or edited dataset is one line
+        x, y = random_windows(path, meta['dtype'], meta[f"{split}_tokens"], block_size, batch_size, generator,
+                              meta['vocab_size'])
+    except CorpusError as e:
+        if not master:  # each process reads its own batches: the one that meets it says so
+            print(f"train.py: error: rank {rank}: {e}", file=sys.stderr)
+        fail(e)
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     if device_type == 'cuda':
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
@@ -253,7 +289,11 @@ if backend == 'auto':
 if device_type == 'cuda':
     torch.cuda.set_device(device)
 if ddp:
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=ddp_timeout))
+    # torchrun's restarts share one store, where a worker may read the addresses the last attempt's
+    # workers left there (and fail to connect): this attempt's keys go under a prefix of their own
+    store, _, _ = next(dist.rendezvous('env://', timeout=timedelta(seconds=ddp_timeout)))
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"attempt {restart}", store), rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=ddp_timeout))
 elif fsdp:
     dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 gradient_accumulation_steps //= world_size  # now per process
@@ -267,7 +307,7 @@ torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 model_args = dict(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=meta['vocab_size'], dropout=dropout, attn_mask=attn_mask, sm_gamma=sm_gamma, sm_offset=sm_offset,
-                  sink_logit=sink_logit, sink_token=sink_token, pos_enc=pos_enc, attn_impl=attn_impl)
+                  sink_logit=sink_logit, sink_token=sink_token, attn_gate=attn_gate, pos_enc=pos_enc, attn_impl=attn_impl)
 adjusted = {k: model_args[k] for k in ADJUSTABLE + ('attn_impl',)}
 if checkpoint is not None:
     model_args = {**checkpoint['model_args'], **adjusted}
@@ -358,6 +398,8 @@ if lazy and 'sharded' in checkpoint:
     sharded.load(model, optimizer if init_from == 'resume' else None, checkpoint['sharded'])
 elif lazy:
     sharded.load_pretrained(model, checkpoint['pretrained'])
+elif init_from == 'resume' and fsdp:  # a single-file run continued sharded: each rank keeps its part
+    sharded.load_whole_optimizer(model, optimizer, checkpoint['optimizer'])
 elif init_from == 'resume':
     optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
@@ -372,13 +414,19 @@ if ddp and not fsdp:
 def save():
     """out_dir/ckpt.pt, atomically; a disk that refuses it ends the run in one line, the last checkpoint whole."""
     global saved_at
-    run = dict(model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config, meta=meta)
+    run = dict(model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config, meta=meta, job=JOB)
     path = os.path.join(out_dir, CHECKPOINT)
     try:
         if fsdp:  # every rank writes its shards
             sharded.save(model, optimizer, run, out_dir, master)
         else:
-            run_dir.save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), **run), path)
+            state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
+            run_dir.save_checkpoint(dict(**state, **run), path)
+        # a run resumed in the other form leaves no older checkpoint of the first behind
+        if master and fsdp and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
+            os.remove(os.path.join(out_dir, 'ckpt.pt'))
+        elif master and not fsdp:
+            sharded.remove(out_dir)
     except OSError as e:
         free = shutil.disk_usage(out_dir).free / 2**20
         kept = f"the checkpoint of step {saved_at} is kept" if saved_at is not None else "no checkpoint was saved"
@@ -429,8 +477,36 @@ def get_lr(it):
 
 
 def log(record):
+    # strict JSON: a number that is not finite is null (json.dumps would write NaN, which JSON readers refuse)
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(record) + '\n')
+        f.write(json.dumps(record, allow_nan=False) + '\n')
+
+
+def check_divergence(loss_sum, norm):
+    """End the run, on every process at once, when this step's loss or gradient norm is not finite,
+    before the optimizer takes the step: no weights are made from it, and no checkpoint. Under float16
+    a gradient that overflowed is the GradScaler's to handle (it skips the step and halves its scale):
+    returns whether this step will be skipped; a run diverges there when the loss is not finite, or
+    when the scale falls below 1 (train)."""
+    norm = norm.full_tensor() if hasattr(norm, 'full_tensor') else norm  # under FSDP a DTensor, the same on every rank
+    bad = torch.stack([~torch.isfinite(loss_sum), ~torch.isfinite(norm)]).float()
+    if ddp:
+        dist.all_reduce(bad)  # the loss is each process's own
+    loss_bad, norm_bad = bad.tolist()
+    if loss_bad or (norm_bad and not scaler.is_enabled()):
+        diverged(f"the loss is {loss_sum.item():.4g}" if loss_bad else f"the gradient norm is {norm.item():.4g}")
+    return norm_bad > 0
+
+
+def diverged(what):
+    """One line on rank 0 naming the step and what to try; every process exits 1; the last checkpoint stays."""
+    kept = f"{out_dir}/{CHECKPOINT} still holds step {saved_at}" if saved_at is not None else "no checkpoint was saved"
+    tips = [f"a lower --learning_rate (now {learning_rate:g})", f"more --warmup_iters (now {warmup_iters})"]
+    tips += ["--grad_clip=1.0"] if not 0 < grad_clip <= 1 else []
+    tips += ["--dtype=bfloat16 or float32"] if dtype == 'float16' else []
+    fail(f"step {iter_num}: the run diverged ({what}); nothing from this step on is saved, {kept}. Try "
+         f"{', '.join(tips[:-1])} or {tips[-1]}")
 
 
 def prepare_out_dir():
@@ -439,7 +515,9 @@ def prepare_out_dir():
     run_dir.remove_stale_temporaries(out_dir)
     sharded.remove_stale(out_dir)
     if init_from == 'resume':
-        run_dir.trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
+        note = run_dir.trim_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
+        if note:
+            say(note)
         return
     for name in ('ckpt.pt', 'log.jsonl'):  # a log without a checkpoint, or overwrite=True (checked above)
         if os.path.exists(os.path.join(out_dir, name)):
@@ -507,11 +585,14 @@ def train():
                     loss = model(x, y)[1] / gradient_accumulation_steps
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        if grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-        scaler.step(optimizer)
+        scaler.unscale_(optimizer)
+        # the norm tells a diverging run, so it is taken without clipping too (a max of inf scales by 1)
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip or math.inf)
+        skipped = check_divergence(loss_sum, norm)
+        scaler.step(optimizer)  # float16: a step whose gradients overflowed is skipped (and the scale halved)
         scaler.update()
+        if skipped and scaler.get_scale() < 1:
+            diverged(f"the gradients overflow float16 even unscaled (loss scale {scaler.get_scale():.3g})")
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         bar.update(1)
