@@ -3,15 +3,19 @@ How fast is StableMask? Attention alone, then a whole model training, each measu
 the best plain causal attention in one run, and printed as markdown tables.
 
     python bench.py            # the full tables (GPU: about 10 minutes; CPU: small sizes)
-    python bench.py --quick    # about a minute: on a GPU, bf16 head dim 128 at T = 2k, 4k, 8k, then the 160M model
+    python bench.py --quick    # about a minute: on a GPU, bf16 head dim 128 at T = 8k, then the 160M model
 
-On a GPU: our Triton kernel (dQ by atomics; in the full table also by its own kernel, the deterministic
-mode) and our 'sdpa' StableMask path (on cuDNN where auto picks it, and on flash) against PyTorch's
-causal SDPA (flash and cuDNN backends: the bar to reach), FlexAttention computing StableMask exactly, and the materialised
-reference until it runs out of memory; forward, backward and both; T from 512 to 16384, head dims 64
-and 128, bf16 and fp16, batch x heads filling the GPU (B*T = 16k tokens, H*D = 2048). Then the 160M
-model's training tokens/s and MFU with StableMask and with causal attention, at sequence 1024 and 4096.
+On a GPU: our Triton kernel (dQ by atomics, and by its own kernel: the deterministic mode, and the
+row that decides which is the default) and our 'sdpa' StableMask path (on cuDNN where auto picks it,
+and on flash) against PyTorch's causal SDPA (flash and cuDNN backends: the bar to reach),
+FlexAttention computing StableMask exactly, and the materialised reference while its T x T scores
+stay small; forward, backward and both; T from 512 to 16384, head dims 64 and 128, bf16 and fp16,
+batch x heads filling the GPU (B*T = 16k tokens, H*D = 2048). Then the 160M model's training tokens/s
+and MFU with StableMask and with causal attention, at sequence 1024 and 4096. --quick keeps one long
+length and compiles only the Triton kernels' few tunings (no FlexAttention, no compiled decoding).
 On a CPU: the 'sdpa' path against the reference and causal SDPA at small sizes, and a tiny model.
+Under gpu_check.py --dry_run (STABLEMASK_DRY_RUN=1): the GPU's plan on a CPU, its Triton rows only,
+with the kernels logged and not run, so that what it would compile is counted; no measurement.
 With --data_mb: preparing a generated corpus of that many MB of text (jsonl, GPT-2 BPE): MB/s per
 core against tiktoken alone on one thread, and the peak resident memory of all processes together.
 
@@ -34,8 +38,14 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from configurator import configure_script
-from model import GPT, GPTConfig, PRESETS, alibi_slopes, gpu_peak_flops, log_pseudo_mass, stablemask_reference, stablemask_sdpa
+from configurator import configure_script, gpu_peak_flops
+from model import GPT, PRESETS, GPTConfig, alibi_slopes, log_pseudo_mass
+from model import stablemask_reference, stablemask_sdpa
+
+if os.environ.get('STABLEMASK_LAUNCH_LOG'):  # a step of gpu_check.py: every kernel launch logged
+    import gpu_check
+    import stablemask_kernel
+    gpu_check.instrument(stablemask_kernel)
 
 # -----------------------------------------------------------------------------
 quick = False  # a smaller table: one head dim and dtype, a few lengths, no FlexAttention
@@ -48,19 +58,27 @@ attention = True  # the attention and model tables (False with data_mb: the data
 memory = False  # also print the memory each GPU needs under DDP and FSDP, by the estimate in memory_per_gpu
 sharding = False  # also time train.py on 2 processes under DDP and under FSDP, alternately (CPUs: gloo)
 reps = 0  # repetitions of each side-by-side measurement; 0: each table's own (fewer with --quick)
+length = 0  # one sequence length for the attention table instead of its own (0: its own)
+decode = True  # the decoding tables
 seed = 0
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':  # imported (the tests do), it keeps its defaults
-    configure_script(globals(), sys.argv[1:], rules=dict(tokens='>0', width='>0', model_preset=tuple(PRESETS), data_mb='>=0', reps='>=0'))
+    configure_script(globals(), sys.argv[1:], rules=dict(
+        tokens='>0', width='>0', model_preset=tuple(PRESETS), data_mb='>=0', reps='>=0', length='>=0'))
 cuda = torch.cuda.is_available()
 device = 'cuda' if cuda else 'cpu'
+# gpu_check.py --dry_run: the GPU's plan here, its Triton rows only, the kernels logged (the docstring)
+dry_run = not cuda and os.environ.get('STABLEMASK_DRY_RUN') == '1'
+gpu_plan = cuda or dry_run
+REFERENCE_BYTES = 2 ** 30  # the reference runs while its float32 T x T scores fit in this
 
 
 def side_by_side(fns, default=None):
     """{name: sorted milliseconds of each repetition} for each fn(): every repetition times each fn
     in turn, starting from a different one each time, so that a machine growing busier or a GPU
     warming up slows them alike. A repetition runs a fn enough times to last a few milliseconds."""
-    count = reps or default or (10 if quick else 30 if cuda else 7)  # --reps, else the table's own
+    # --reps, else the table's own
+    count = 1 if dry_run else reps or default or (10 if quick else 30 if cuda else 7)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     calls = {}
     for name, fn in fns.items():  # first calls compile and autotune; then how many calls last 5 ms
@@ -148,29 +166,36 @@ def forced(module, name, value, attend):
 def implementations(gamma):
     """name -> attention(q, k, v); the first is the baseline the ratios are taken against. The sink
     rows are causal attention with a learned sink logit per head (gpt-oss's), differentiated too."""
-    sink = torch.randn(gamma.numel(), generator=torch.Generator().manual_seed(0)).to(gamma.device).requires_grad_()
-    if not cuda:
-        return {'SDPA causal': sdpa_causal(), 'sdpa StableMask (ours)': lambda q, k, v: stablemask_sdpa(q, k, v, gamma),
+    sink = torch.randn(gamma.numel(), generator=torch.Generator().manual_seed(0))
+    sink = sink.to(gamma.device).requires_grad_()
+    if not gpu_plan:
+        return {'SDPA causal': sdpa_causal(),
+                'sdpa StableMask (ours)': lambda q, k, v: stablemask_sdpa(q, k, v, gamma),
                 'sdpa causal + sink logit (ours)': lambda q, k, v: stablemask_sdpa(q, k, v, None, sink=sink),
                 'reference StableMask': lambda q, k, v: stablemask_reference(q, k, v, gamma)}
     from torch.nn.attention import SDPBackend
-    import stablemask_kernel
+    import kernel_configs
     import stablemask_sdpa as sdpa_module
     from stablemask_kernel import stablemask_attention
     flash = lambda device_type, dtype, head_dim, has_bias, capability=None: ('flash', -(-head_dim // 8) * 8)
-    return {'SDPA causal, flash': sdpa_causal(SDPBackend.FLASH_ATTENTION),
+    ours = lambda q, k, v: stablemask_attention(q, k, v, gamma)
+    rows = {'SDPA causal, flash': sdpa_causal(SDPBackend.FLASH_ATTENTION),
             'SDPA causal, cuDNN': sdpa_causal(SDPBackend.CUDNN_ATTENTION),
-            'Triton StableMask (ours)': lambda q, k, v: stablemask_attention(q, k, v, gamma),
-            **({'Triton StableMask, dQ by its own kernel (ours)':  # the deterministic backward; its tuning takes minutes
-                forced(stablemask_kernel, 'DQ', 'separate', lambda q, k, v: stablemask_attention(q, k, v, gamma))}
-               if not quick else {}),
-            'Triton causal + sink logit (ours)': lambda q, k, v: stablemask_attention(q, k, v, None, sink=sink),
-            'Triton StableMask + sink logit (ours)': lambda q, k, v: stablemask_attention(q, k, v, gamma, sink=sink),
+            'Triton StableMask (ours)': ours,
+            # the deterministic backward; against the row above, what decides the default (kernel's DQ)
+            'Triton StableMask, dQ by its own kernel (ours)':
+                forced(kernel_configs, 'DQ', 'separate', ours),
+            **({'Triton causal + sink logit (ours)':
+                    lambda q, k, v: stablemask_attention(q, k, v, sink=sink),
+                'Triton StableMask + sink logit (ours)':
+                    lambda q, k, v: stablemask_attention(q, k, v, gamma, sink=sink)} if not quick else {}),
             'sdpa StableMask (ours)': lambda q, k, v: stablemask_sdpa(q, k, v, gamma),
-            'sdpa StableMask on flash (ours)': forced(sdpa_module, 'fused_kernel', flash,
-                                                      lambda q, k, v: stablemask_sdpa(q, k, v, gamma)),
+            **({'sdpa StableMask on flash (ours)': forced(sdpa_module, 'fused_kernel', flash,
+                                                         lambda q, k, v: stablemask_sdpa(q, k, v, gamma))}
+               if not quick else {}),
             **({'Flex StableMask': flex_stablemask(gamma)} if flex and not quick else {}),
             'reference StableMask': lambda q, k, v: stablemask_reference(q, k, v, gamma)}
+    return {name: fn for name, fn in rows.items() if name.startswith('Triton')} if dry_run else rows
 
 
 def timed_calls(attend, q, k, v, do):
@@ -211,21 +236,26 @@ def peak_mib(attend, q, k, v, do):
 def attention_table(D, dtype, lengths):
     """Every implementation at each length, each kind of call (forward, backward, both) timed side by
     side: medians, the minimum of fwd+bwd, and ratios of medians against the first, causal SDPA."""
-    H = width // D if cuda else 4
+    H = width // D if gpu_plan else 4
     gamma = alibi_slopes(H).to(device)
     impls = implementations(gamma)
     gave_up = {}
-    batch = f"B*T = {tokens}" if cuda else "batch 2"
+    batch = f"B*T = {tokens}" if gpu_plan else "batch 2"
     print(f"\n### Attention, head dim {D}, {str(dtype).removeprefix('torch.')}, {H} heads, {batch}\n")
-    print("| T | implementation | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd min ms | fwd+bwd TFLOP/s | x SDPA | peak MiB |")
+    print("| T | implementation | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd min ms | fwd+bwd TFLOP/s | x SDPA "
+          "| peak MiB |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for T in lengths:
-        B = max(1, tokens // T) if cuda else 2
+        B = max(1, tokens // T) if gpu_plan else 2
         flops = 3.5 * 4 * B * H * T * T * D / 2
         q, k, v, do = (torch.randn(B, H, T, D, device=device, dtype=dtype) for _ in range(4))
         calls, memory, failed = {}, {}, {}
         for name, attend in impls.items():
             if name in gave_up:  # out of memory, or unsupported: longer sequences will not do better
+                continue
+            if name.startswith('reference') and B * H * T * T * 4 > REFERENCE_BYTES:
+                gib = B * H * T * T * 4 / 2 ** 30
+                failed[name] = gave_up[name] = f"skipped: its T x T scores ({gib:.1f} GiB) and more"
                 continue
             try:
                 calls[name] = timed_calls(attend, q, k, v, do)
@@ -245,10 +275,10 @@ def attention_table(D, dtype, lengths):
             if name in failed:
                 print(f"| {T} | {name} | {failed[name]} | | | | | | |")
             elif name in medians:
-                (fwd, _), (bwd, _), (both, fastest) = medians[name]['fwd'], medians[name]['bwd'], medians[name]['both']
+                (fwd, _), (bwd, _), (both, fastest) = (medians[name][k] for k in ('fwd', 'bwd', 'both'))
                 mem = f"{memory[name]:,.0f}" if memory[name] is not None else '-'
-                print(f"| {T} | {name} | {fwd:.3f} | {bwd:.3f} | {both:.3f} | {fastest:.3f} | {flops / both / 1e9:.3g} | "
-                      f"{baseline / both:.2f} | {mem} |")
+                print(f"| {T} | {name} | {fwd:.3f} | {bwd:.3f} | {both:.3f} | {fastest:.3f} | "
+                      f"{flops / both / 1e9:.3g} | {baseline / both:.2f} | {mem} |")
         sys.stdout.flush()
         calls = None
 
@@ -256,15 +286,22 @@ def attention_table(D, dtype, lengths):
 def model_table(preset, runs):
     """Training tokens/s of a whole model (forward, backward, AdamW step), StableMask against causal."""
     peak = gpu_peak_flops(device)
-    autocast = torch.amp.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
-    print(f"\n### Training the {preset} model ({'bf16 autocast' if cuda else 'a 256-token vocabulary'}, AdamW)\n")
+    autocast = torch.amp.autocast(device, dtype=torch.bfloat16) if gpu_plan else nullcontext()
+    kind = 'bf16 autocast' if gpu_plan else 'a 256-token vocabulary'
+    print(f"\n### Training the {preset} model ({kind}, AdamW)\n")
     print("| T | batch | attention | tokens/s | MFU | x causal |")
     print("| ---: | ---: | --- | ---: | ---: | ---: |")
     for T, batch in runs:
         steps = {}
-        for mask, impl in [('causal', 'sdpa'), ('stablemask', 'triton' if cuda else 'reference'), ('stablemask', 'sdpa')]:
-            vocab = {} if cuda else dict(vocab_size=256)  # on a CPU a GPT-2 vocabulary's head would drown the attention
-            model = GPT(GPTConfig(**PRESETS[preset], **vocab, block_size=T, attn_mask=mask, attn_impl=impl)).to(device)
+        ours = 'triton' if gpu_plan else 'reference'
+        variants = [('causal', 'sdpa'), ('stablemask', ours), ('stablemask', 'sdpa')]
+        for mask, impl in variants[1:2] if dry_run else variants:
+            # on a CPU a GPT-2 vocabulary's head would drown the attention
+            vocab = {} if cuda else dict(vocab_size=256)
+            # a dry run's kernels see what the GPU's would (heads, head dim, T) from one layer and one row
+            size = dict(PRESETS[preset], n_layer=1) if dry_run else PRESETS[preset]
+            batch = 1 if dry_run else batch
+            model = GPT(GPTConfig(**size, **vocab, block_size=T, attn_mask=mask, attn_impl=impl)).to(device)
             optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.98), device)
             x = torch.randint(0, model.config.vocab_size, (batch, T), device=device)
 
@@ -275,13 +312,15 @@ def model_table(preset, runs):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             steps[f"{mask} ({impl})"] = step
-        times = side_by_side(steps, (5 if quick else 10) if cuda else 3)  # the variants' steps alternate
+        # the variants' steps alternate
+        times = side_by_side(steps, (5 if quick else 10) if gpu_plan else 3)
         baseline = None
         for name, ms in times.items():
             tokens_per_sec = batch * T / statistics.median(ms) * 1e3
             baseline = baseline or tokens_per_sec
             mfu = f"{100 * model.estimate_mfu(tokens_per_sec, T, peak):.1f}%" if peak else '-'
-            print(f"| {T} | {batch} | {name} | {tokens_per_sec:,.0f} | {mfu} | {tokens_per_sec / baseline:.2f} |")
+            print(f"| {T} | {batch} | {name} | {tokens_per_sec:,.0f} | {mfu} | "
+                  f"{tokens_per_sec / baseline:.2f} |")
         sys.stdout.flush()
 
 
@@ -289,11 +328,14 @@ def peak_memory(command, cwd=None):
     """Run command; (seconds, the largest memory of it and all its descendants together, in MiB,
     sampled every 100 ms from Linux's /proc). Each process counts its proportional share (PSS) of
     pages it shares with others (forked workers share their parent's), so nothing counts twice."""
-    log = tempfile.TemporaryFile()  # not a pipe: a child's progress bar would fill it, then wait for a reader
-    start, proc, peak = time.time(), subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log), 0
+    # not a pipe: a child's progress bar would fill it, then wait for a reader
+    log = tempfile.TemporaryFile()
+    start, peak = time.time(), 0
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log)
     while proc.poll() is None:
         tree, total = {proc.pid}, 0
-        for pid in sorted(int(p) for p in os.listdir('/proc') if p.isdigit()):  # parents start before their children
+        # parents start before their children
+        for pid in sorted(int(p) for p in os.listdir('/proc') if p.isdigit()):
             try:
                 with open(f'/proc/{pid}/stat') as f:
                     if int(f.read().rpartition(')')[2].split()[1]) in tree:
@@ -336,7 +378,7 @@ def generated_corpus(folder, mb, seed=0):
 def data_table(mb):
     """prepare_data.py on a generated corpus (GPT-2 BPE): MB of text per second per core, against
     tiktoken alone on one thread, and the peak memory of every process it starts."""
-    from prepare_data import gpt2_encoding
+    from tokenizer import gpt2_encoding
     cores = os.cpu_count()
     with tempfile.TemporaryDirectory() as folder:
         path, sample = generated_corpus(folder, mb)
@@ -346,52 +388,63 @@ def data_table(mb):
         def tiktoken_alone():  # measured again before each run: this machine's speed drifts
             start = time.time()
             for doc in sample:
-                enc.encode_to_numpy(doc, disallowed_special=())  # tiktoken's fastest call, the one prepare_data.py makes
+                # tiktoken's fastest call, the one prepare_data.py makes
+                enc.encode_to_numpy(doc, disallowed_special=())
             return sample_mb / (time.time() - start)
         print(f"\n### Preparing {mb:,} MB of text (jsonl, GPT-2 BPE), {cores} cores\n")
-        print("| processes | MB/s | MB/s per core | tiktoken alone, one thread, MB/s | x tiktoken alone, per core | peak MiB, all processes |")
+        print("| processes | MB/s | MB/s per core | tiktoken alone, one thread, MB/s | "
+              "x tiktoken alone, per core | peak MiB, all processes |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: |")
         for workers in sorted({1, cores}):
             alone = tiktoken_alone()
-            seconds, peak = peak_memory([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prepare_data.py'),
-                                         '--input', path, f'--workers={workers}', f'--out_dir={folder}', f'--name=w{workers}'])
+            script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prepare_data.py')
+            seconds, peak = peak_memory([sys.executable, script, '--input', path, f'--workers={workers}',
+                                         f'--out_dir={folder}', f'--name=w{workers}'])
             rate = mb / seconds
-            print(f"| {workers} | {rate:.1f} | {rate / workers:.1f} | {alone:.1f} | {rate / workers / alone:.2f} | {peak:,.0f} |")
+            print(f"| {workers} | {rate:.1f} | {rate / workers:.1f} | {alone:.1f} | "
+                  f"{rate / workers / alone:.2f} | {peak:,.0f} |")
             sys.stdout.flush()
 
 
 def decode_table(compiled=False):
     """Generation's tokens/s, StableMask against causal, timed side by side: KV-cached, batch 1 and 8,
     a short generation and one past block_size (the sliding window's cache moves), 6 layers, d 384."""
-    print(f"\n### Decoding, 6 layers, d 384, block_size 256{', torch.compile' if compiled else ''} (tokens/s, all rows of a batch)\n")
+    how = ', torch.compile' if compiled else ''
+    print(f"\n### Decoding, 6 layers, d 384, block_size 256{how} (tokens/s, all rows of a batch)\n")
     print("| batch | new tokens | attention | tokens/s | x causal |")
     print("| ---: | ---: | --- | ---: | ---: |")
     for batch, new in [(1, 64), (8, 64), (1, 320), (8, 320)][:2 if quick else 4]:
         runs = {}
-        if compiled:  # the models of earlier rows would use up torch.compile's recompiles of the one forward
+        # the models of earlier rows would use up torch.compile's recompiles of the one forward
+        if compiled:
             torch._dynamo.reset()
         for mask in ('causal', 'stablemask'):
             torch.manual_seed(0)
-            model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=256 if not cuda else 50257,
-                                  attn_mask=mask, attn_impl='sdpa')).to(device).eval()
+            config = GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256,
+                               vocab_size=256 if not cuda else 50257, attn_mask=mask, attn_impl='sdpa')
+            model = GPT(config).to(device).eval()
             if compiled:  # as sample.py --compile=True: the fixed-shape cache, one graph a decode step
                 model.forward = torch.compile(model.forward)
             prompt = torch.randint(0, model.config.vocab_size, (batch, 16), device=device)
 
             def generate(model=model, prompt=prompt):
-                with torch.no_grad(), (torch.amp.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()):
+                autocast = torch.amp.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
+                with torch.no_grad(), autocast:
                     model.generate(prompt, new, temperature=0, use_cache='fixed' if compiled else True)
             runs[mask] = generate
         times = side_by_side(runs, 3 if quick else 9)
+        causal = batch * new / statistics.median(times['causal']) * 1e3
         for mask, ms in times.items():
             rate = batch * new / statistics.median(ms) * 1e3
-            print(f"| {batch} | {new} | {mask} | {rate:,.0f} | {rate / (batch * new / statistics.median(times['causal']) * 1e3):.2f} |")
+            print(f"| {batch} | {new} | {mask} | {rate:,.0f} | {rate / causal:.2f} |")
         sys.stdout.flush()
 
 
 # Llama 3 8B and 70B as GPTConfig fields, beside the paper's 160M and 1.4B, for the memory table
-LLAMA3 = {'8B': dict(n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, n_hidden=14336, vocab_size=128256, tie_embeddings=False),
-          '70B': dict(n_layer=80, n_head=64, n_kv_head=8, n_embd=8192, n_hidden=28672, vocab_size=128256, tie_embeddings=False)}
+LLAMA3 = {'8B': dict(n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, n_hidden=14336, vocab_size=128256,
+                     tie_embeddings=False),
+          '70B': dict(n_layer=80, n_head=64, n_kv_head=8, n_embd=8192, n_hidden=28672, vocab_size=128256,
+                      tie_embeddings=False)}
 
 
 def memory_per_gpu(config, tokens, gpus, fsdp, checkpointing):
@@ -409,9 +462,11 @@ def memory_per_gpu(config, tokens, gpus, fsdp, checkpointing):
     gathered = 2 * 2 * 2 * block if fsdp else 0  # bf16 weights and gradients, this block and the next
     share = gpus if fsdp else 1
     layer = 2 * tokens * (12 * d + 4 * f)
-    activations = (2 * tokens * d * layers + layer if checkpointing else layer * layers) + 6 * tokens * model.config.vocab_size
+    activations = 2 * tokens * d * layers + layer if checkpointing else layer * layers
+    activations += 6 * tokens * model.config.vocab_size
     gib = lambda b: b / 2 ** 30
-    return gib(4 * n / share + gathered / 2), gib(4 * n / share + gathered / 2), gib(8 * n / share), gib(activations), n
+    weights = gib(4 * n / share + gathered / 2)
+    return weights, weights, gib(8 * n / share), gib(activations), n
 
 
 def memory_table():
@@ -420,39 +475,49 @@ def memory_table():
             ('Llama 3 8B', LLAMA3['8B'], 8192, 'a fine-tune at 1 x 8192, checkpointing'),
             ('Llama 3 70B', LLAMA3['70B'], 8192, 'a fine-tune at 1 x 8192, checkpointing')]
     print("\n### Memory per GPU, 8 GPUs (GiB, estimated: bench.memory_per_gpu)\n")
-    print("| model | parameters | micro-batch | engine | weights | gradients | AdamW state | activations | total |")
+    print("| model | parameters | micro-batch | engine | weights | gradients | AdamW state | activations "
+          "| total |")
     print("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, config, tokens, batch in runs:
         checkpointing = 'checkpointing' in batch
         for engine in ('DDP', 'FSDP'):
             *parts, n = memory_per_gpu(config, tokens, 8, engine == 'FSDP', checkpointing)
-            print(f"| {name} | {n / 1e9:.2f}B | {batch} | {engine} | " + ' | '.join(f"{p:,.1f}" for p in parts) + f" | {sum(parts):,.1f} |")
+            cells = ' | '.join(f"{p:,.1f}" for p in parts)
+            print(f"| {name} | {n / 1e9:.2f}B | {batch} | {engine} | {cells} | {sum(parts):,.1f} |")
 
 
 def sharding_table():
     """train.py's tokens/s on 2 processes under DDP and under FSDP, run alternately (gloo on CPUs)."""
     import tempfile
     repo = os.path.dirname(os.path.abspath(__file__))
-    size = ['--n_layer=4', '--n_head=4', '--n_embd=256', '--block_size=256', '--batch_size=8', '--gradient_accumulation_steps=2']
-    print("\n### DDP against FSDP, train.py on 2 processes (the tiny model at d 256, 2 x 8 x 256 tokens a step)\n")
+    size = ['--n_layer=4', '--n_head=4', '--n_embd=256', '--block_size=256', '--batch_size=8',
+            '--gradient_accumulation_steps=2']
+    print("\n### DDP against FSDP, train.py on 2 processes (the tiny model at d 256, 2 x 8 x 256 tokens a "
+          "step)\n")
     print("| engine | tokens/s, median of runs | runs | x DDP |")
     print("| --- | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as folder:
-        subprocess.run([sys.executable, os.path.join(repo, 'prepare_data.py'), '--tokenizer=char'], cwd=folder, check=True,
-                       capture_output=True)
+        prepare = [sys.executable, os.path.join(repo, 'prepare_data.py'), '--tokenizer=char']
+        subprocess.run(prepare, cwd=folder, check=True, capture_output=True)
         rates = {'DDP': [], 'FSDP': []}
         for rep in range(reps or 3):
             for engine in ('DDP', 'FSDP'):
                 out = os.path.join(folder, f"out-{engine}-{rep}")
-                subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                                os.path.join(repo, 'train.py'), *size, '--max_iters=40', '--eval_interval=1000', '--eval_iters=1',
-                                '--log_interval=10', f'--fsdp={engine == "FSDP"}', f'--device={device}', f'--out_dir={out}'],
-                               cwd=folder, check=True, capture_output=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+                torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                            '--nproc_per_node=2']
+                train = [os.path.join(repo, 'train.py'), *size, '--max_iters=40', '--eval_interval=1000',
+                         '--eval_iters=1', '--log_interval=10', f'--fsdp={engine == "FSDP"}',
+                         f'--device={device}', f'--out_dir={out}']
+                subprocess.run(torchrun + train, cwd=folder, check=True, capture_output=True,
+                               env={**os.environ, 'OMP_NUM_THREADS': '1'})
                 with open(os.path.join(out, 'log.jsonl')) as f:
                     rows = [json.loads(line) for line in f if 'tokens_per_sec' in line]
-                rates[engine].append(statistics.median(r['tokens_per_sec'] for r in rows[1:]))  # the first row holds the warm-up
+                # the first row holds the warm-up
+                rates[engine].append(statistics.median(r['tokens_per_sec'] for r in rows[1:]))
+        ddp = statistics.median(rates['DDP'])
         for engine, values in rates.items():
-            print(f"| {engine} | {statistics.median(values):,.0f} | {len(values)} | {statistics.median(values) / statistics.median(rates['DDP']):.2f} |")
+            median = statistics.median(values)
+            print(f"| {engine} | {median:,.0f} | {len(values)} | {median / ddp:.2f} |")
 
 
 if __name__ == '__main__':
@@ -463,19 +528,24 @@ if __name__ == '__main__':
         sharding_table()
     if data_mb:
         data_table(data_mb)
-    if attention and cuda:
-        import triton
-        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-        lengths = [2048, 4096, 8192] if quick else [512, 1024, 2048, 4096, 8192, 16384]
-        for D, dtype in [(128, torch.bfloat16)] if quick else [(64, torch.bfloat16), (128, torch.bfloat16), (64, torch.float16), (128, torch.float16)]:
-            attention_table(D, dtype, lengths)
+    chosen = [length] if length else None
+    if attention and gpu_plan:
+        from stablemask_kernel import triton  # which, off a GPU, sets TRITON_INTERPRET before importing it
+        where = torch.cuda.get_device_name() if cuda else "a dry run (the GPU's plan, kernels logged)"
+        print(f"{where}, torch {torch.__version__}, triton {triton.__version__}")
+        kinds = [(64, torch.bfloat16), (128, torch.bfloat16), (64, torch.float16), (128, torch.float16)]
+        for D, dtype in [(128, torch.bfloat16)] if quick else kinds:
+            attention_table(D, dtype, chosen or ([8192] if quick else [512, 1024, 2048, 4096, 8192, 16384]))
         model_table(model_preset, [(1024, 8), (4096, 2)] if quick else [(1024, 16), (4096, 4)])
-        decode_table()
-        decode_table(compiled=True)
+        if decode and cuda:
+            decode_table()
+            if not quick:  # its compiles (a 50257-token head, every step's graph) take minutes
+                decode_table(compiled=True)
     elif attention:
         print(f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")
-        attention_table(64, torch.float32, [256, 512] if quick else [256, 512, 1024, 2048])
+        attention_table(64, torch.float32, chosen or ([256, 512] if quick else [256, 512, 1024, 2048]))
         model_table('tiny', [(256, 4)] if quick else [(256, 8), (1024, 2)])
-        decode_table()
-        if not quick:
-            decode_table(compiled=True)
+        if decode:
+            decode_table()
+            if not quick:
+                decode_table(compiled=True)

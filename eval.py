@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import configure_script
-from corpus import CorpusError, check_ids
-from model import autocast_for, load_model, resolve_device
-from prepare_data import PrepareError, dataset_folder, read_dataset, tokenizer_from_meta, tokenizer_mismatch
+from checkpoint import load_model
+from configurator import autocast_for, configure_script, fail, resolve_device
+from corpus import CorpusError, check_ids, dataset_folder, read_dataset
+from tokenizer import TokenizerError, tokenizer_from_meta, tokenizer_mismatch
 
 # -----------------------------------------------------------------------------
-init_from = 'out'  # a checkpoint file, a folder holding ckpt.pt, or a Hugging Face LLaMA-family model's folder
-dataset = ''  # a dataset made by prepare_data.py (a name under data/, or a path); empty: the one the checkpoint trained on
+init_from = 'out'  # a checkpoint file, a folder holding ckpt.pt, or a Hugging Face LLaMA-family folder
+dataset = ''  # a folder made by prepare_data.py (a name under data/, or a path); empty: the checkpoint's own
 split = 'val'  # the split scored: 'val' or 'train'
 block_size = 0  # the windows' length; 0: the model's block_size
 stride = 0  # how far each window moves on, and so how many tokens it scores; 0: half the window
@@ -51,13 +51,9 @@ dtype = 'auto'  # 'float32', 'bfloat16', 'float16'; auto: bf16 on GPUs that have
 attn_impl = 'auto'  # 'auto', 'triton', 'sdpa', 'reference'
 seed = 1337
 # -----------------------------------------------------------------------------
-RULES = dict(split=('val', 'train'), block_size='>=0', stride='>=0', batch_size='>0', max_tokens='>=0', num_fewshot='>=0',
-             limit='>=0', dtype=('auto', 'float32', 'bfloat16', 'float16'), attn_impl=('auto', 'triton', 'sdpa', 'reference'))
-
-
-def fail(message):
-    print(f"eval.py: error: {message}", file=sys.stderr)
-    sys.exit(1)
+RULES = dict(split=('val', 'train'), block_size='>=0', stride='>=0', batch_size='>0', max_tokens='>=0',
+             num_fewshot='>=0', limit='>=0', dtype=('auto', 'float32', 'bfloat16', 'float16'),
+             attn_impl=('auto', 'triton', 'sdpa', 'reference'))
 
 
 def windows(n_targets, block, stride):
@@ -79,10 +75,13 @@ def score(model, ids, block, stride, batch_size, device, autocast=None, progress
     spans, length = windows(len(ids) - 1, block, stride)
     total, count = 0.0, 0
     autocast = autocast or torch.autocast('cpu', enabled=False)
-    for first in tqdm(range(0, len(spans), batch_size), desc='windows', unit=' batches', disable=not progress):
+    for first in tqdm(range(0, len(spans), batch_size), desc='windows', unit=' batches',
+                      disable=not progress):
         batch = spans[first:first + batch_size]
-        x = torch.from_numpy(np.stack([ids[s:s + length] for s, _ in batch]).astype(np.int64)).to(device)
-        y = torch.from_numpy(np.stack([ids[s + 1:s + length + 1] for s, _ in batch]).astype(np.int64)).to(device)
+        x = torch.from_numpy(
+            np.stack([ids[s:s + length] for s, _ in batch]).astype(np.int64)).to(device)
+        y = torch.from_numpy(
+            np.stack([ids[s + 1:s + length + 1] for s, _ in batch]).astype(np.int64)).to(device)
         with autocast:
             logits, _ = model(x, y, pseudo_len=model.config.block_size)
         losses = F.cross_entropy(logits.float().transpose(1, 2), y, reduction='none')  # (B, length)
@@ -94,7 +93,8 @@ def score(model, ids, block, stride, batch_size, device, autocast=None, progress
 
 def text_bytes(decode, ids, chunk=1 << 20):
     """The UTF-8 bytes of the text token ids stand for, decode writing special tokens (end-of-text)
-    as none. Decoded a chunk at a time; a character cut at a chunk's edge costs a few bytes in millions."""
+    as none. Decoded a chunk at a time: a character cut at a chunk's edge costs a few bytes in
+    millions."""
     return sum(len(decode(ids[i:i + chunk].tolist()).encode('utf-8')) for i in range(0, len(ids), chunk))
 
 
@@ -109,12 +109,13 @@ def perplexity(model, meta, data_meta, data_dir, device, autocast):
     try:  # before the scoring: an id past the vocabulary, or a tokenizer that has moved, is one line
         check_ids(path, ids, data_meta['vocab_size'])
         _, decode = tokenizer_from_meta(meta, tokenizer or None, show_special=False)
-    except (CorpusError, PrepareError) as e:
+    except (CorpusError, TokenizerError) as e:
         fail(e)
     window = block_size or model.config.block_size
     step = stride or max(1, window // 2)
     if step > window:
-        fail(f"--stride={step} is longer than the window ({window} tokens): some tokens would never be scored")
+        fail(f"--stride={step} is longer than the window ({window} tokens): "
+             f"some tokens would never be scored")
     if model.config.pos_enc == 'learned' and window > model.config.block_size:
         fail(f"--block_size={window} is past the model's {model.config.block_size} learned positions")
     nats, count = score(model, ids, window, step, batch_size, device, autocast, progress=not json)
@@ -136,19 +137,19 @@ def main():
     if not checkpoint.get('meta'):
         fail(f"{init_from} holds no tokenizer description (meta); was it written by train.py?")
     torch.manual_seed(seed)
-    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    dtype, autocast = autocast_for(device_type, dtype)
+    dtype, autocast = autocast_for(device, dtype)
     model.eval().to(device)
     meta = checkpoint['meta']
     data = dataset or (checkpoint.get('config', {}).get('dataset') if not tasks else '')
     if not data and not tasks:
-        fail(f"{init_from} does not say what it was trained on: pass --dataset=<a folder made by prepare_data.py>")
+        fail(f"{init_from} does not say what it was trained on: "
+             f"pass --dataset=<a folder made by prepare_data.py>")
     report = {}
     if data:
         data_dir = dataset_folder(data)
         try:
             data_meta = read_dataset(data_dir)
-        except PrepareError as e:
+        except CorpusError as e:
             fail(e)
         problem = tokenizer_mismatch(meta, data_meta, init_from, data_dir)
         if problem:
@@ -159,25 +160,30 @@ def main():
         report['perplexity'] = perplexity(model, meta, data_meta, data_dir, device, autocast)
         if not json:
             r = report['perplexity']
-            bpb = f", {r['bits_per_byte']:.4f} bits per byte ({r['bytes']:,} bytes)" if r['bits_per_byte'] else ''
-            print(f"{r['split']} of {data_dir}: {r['tokens']:,} tokens scored, windows of {r['block_size']} moving by "
-                  f"{r['stride']}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}{bpb}")
+            bpb = (f", {r['bits_per_byte']:.4f} bits per byte ({r['bytes']:,} bytes)"
+                   if r['bits_per_byte'] else '')
+            print(f"{r['split']} of {data_dir}: {r['tokens']:,} tokens scored, "
+                  f"windows of {r['block_size']} moving by {r['stride']}: "
+                  f"loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}{bpb}")
     if tasks:
         try:
             from harness import run_tasks  # imported on use: it needs lm_eval
         except ImportError as e:
             fail(f"--tasks needs lm-evaluation-harness: pip install lm_eval ({e})")
         try:
-            results = run_tasks(model, meta, [t for t in tasks.split(',') if t], device, autocast, batch_size,
-                                num_fewshot, limit or None, include_path or None, tokenizer or None, quiet=json)
-        except (ValueError, KeyError, PrepareError) as e:  # an unknown task, text a character model cannot read
+            results = run_tasks(model, meta, [t for t in tasks.split(',') if t], device, autocast,
+                                batch_size, num_fewshot, limit or None, include_path or None,
+                                tokenizer or None, quiet=json)
+        except (ValueError, KeyError) as e:
+            # an unknown task, or text a character model cannot read (TokenizerError)
             fail(e)
         report['tasks'] = results
         if not json:
             print('| task | metric | value | stderr |\n| --- | --- | ---: | ---: |')
             for task, metrics in results.items():
                 for metric, (value, err) in metrics.items():
-                    print(f"| {task} | {metric} | {value:.4f} | {err if isinstance(err, str) else f'{err:.4f}'} |")
+                    print(f"| {task} | {metric} | {value:.4f} | "
+                          f"{err if isinstance(err, str) else f'{err:.4f}'} |")
     if json:
         print(json_lib.dumps(report))
 

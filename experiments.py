@@ -6,6 +6,7 @@ The paper's claims, measured with this repository's model on small models, over 
     python experiments.py sinks --init_from=SmolLM2-135M-Instruct/   # a pretrained model made StableMask
     python experiments.py extrapolation   # 2x and 4x the training length, full and sliding-window (Sec. 5.3)
     python experiments.py lm --shakespeare=input.txt --positions=rope   # Table 3, today's sinks (and alibi)
+    python experiments.py quickstart      # the README's quickstart with each mask: train.py, then eval.py
     python experiments.py readme          # results/verdict.md, then every results table into README.md
 
 Each experiment writes its tables to results_dir/<name>.md and .json (with the command, commit, torch
@@ -34,9 +35,11 @@ import numpy as np
 import torch
 
 import model as model_module
-from configurator import configure_script
-from model import GPT, GPTConfig, repeat_kv, resolve_device, stablemask_weights
+from checkpoint import from_pretrained
+from configurator import configure_script, resolve_device
+from model import GPT, GPTConfig, repeat_kv, stablemask_weights
 from prepare_data import PrepareError, prepare
+from run_dir import atomic_file
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-experiments'  # figures, and the tokenized data
@@ -54,7 +57,7 @@ positions = 'rope'  # lm: 'rope' or 'alibi', a table each
 init_from = ''  # sinks: a Hugging Face LLaMA-family model's folder: pretrained, switched, fine-tuned
 readme_file = 'README.md'  # readme: the file whose marked tables it refreshes
 # -----------------------------------------------------------------------------
-EXPERIMENTS = ('position', 'sinks', 'extrapolation', 'lm', 'readme')
+EXPERIMENTS = ('position', 'sinks', 'extrapolation', 'lm', 'quickstart', 'readme')
 if __name__ == '__main__':  # imported (the tests do), it keeps its defaults
     named = len(sys.argv) > 1 and sys.argv[1] in EXPERIMENTS
     asked = sys.argv[2:] if named else [a for a in sys.argv[1:] if a in ('-h', '--help')]
@@ -191,10 +194,9 @@ def lm_loss(model, data, T, n_batches=8, batch_size=16, pseudo_len=None, window=
 
 @contextmanager
 def attention_replaced_by(fn):
-    """Run every attention layer of the model through fn(q, k, v, gamma, alibi, pseudo_len, offset, sink)."""
+    """Run every attention layer of the model through fn(q, k, v, layer, p), model.attend's arguments."""
     original = model_module.attend
-    model_module.attend = lambda q, k, v, gamma, alibi, pseudo_len, impl, window=None, offset=0.0, \
-        sink=None, shared=None: fn(q, k, v, gamma, alibi, pseudo_len, offset, sink)
+    model_module.attend = fn
     try:
         yield
     finally:
@@ -253,9 +255,8 @@ def check_results_free(name):
 
 
 def write_atomically(path, text):
-    with open(path + '.tmp', 'w') as f:
+    with atomic_file(path, 'w') as f:
         f.write(text)
-    os.replace(path + '.tmp', path)
 
 
 def record_markdown(record):
@@ -383,8 +384,8 @@ def attention_shares(model, x, punctuation=None):
     real key gets); and the attention maps of the first sequence (layer, H, T, T)."""
     weights, n = [], model.n_sink
 
-    def recording(q, k, v, gamma, alibi, pseudo_len, offset, sink):
-        W = stablemask_weights(q, k, gamma, alibi, pseudo_len, None, offset, sink)
+    def recording(q, k, v, layer, p):
+        W = stablemask_weights(q, k, layer.gamma, layer.alibi, p.pseudo_len, None, layer.offset, layer.sink)
         weights.append(W)
         return (W @ repeat_kv(v, q.size(1)).to(W.dtype)).to(q.dtype)
     with torch.no_grad(), attention_replaced_by(recording):
@@ -418,7 +419,7 @@ def pretrained_sinks():
         model.eval()
         loss = lm_loss(model, val_ids, T, n_batches=4, batch_size=8)
         return dict(shares=attention_shares(model, x), loss=loss)
-    load = lambda mask: GPT.from_pretrained(init_from, block_size=T, **mask).to(device)
+    load = lambda mask: from_pretrained(init_from, block_size=T, **mask).to(device)
     pretrained, switched = measure(load({})), measure(load(dict(attn_mask='stablemask')))
     tuned, curves = [], []
     for seed in run_seeds:
@@ -721,6 +722,66 @@ def plot_lm(curves):
     ax.set_ylabel('training loss, mean of the seeds')
     ax.legend(fontsize=7)
     save(fig, f"lm_{positions}.png")
+
+# -----------------------------------------------------------------------------
+# 5. the README's quickstart, as a user runs it: train.py, then eval.py's perplexity
+
+
+QUICKSTART_STRIDES = (128, 64, 16)
+
+
+def quickstart():
+    """train.py config/train_pydoc_char.py with each mask on paired seeds (a seed fixes the batches
+    and the initial weights, which StableMask does not change), then the perplexity of the whole
+    validation split by eval.py's windows at three strides, and bits per byte."""
+    from checkpoint import load_model
+    from eval import score, text_bytes
+    from tokenizer import tokenizer_from_meta
+    n_steps, run_seeds = steps or 500, seed_list(3)
+    _, val_ids, meta = token_data('pydoc', 'char')
+    data = os.path.join(out_dir, 'data', 'pydoc_char')
+    # the whole split, or for a quick check the first eval_batches windows' worth
+    ids = val_ids.numpy()[:eval_batches * 1024 + 1] if eval_batches else val_ids.numpy()
+    n_bytes = text_bytes(tokenizer_from_meta(meta, show_special=False)[1], ids[1:])
+    repo = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, 'OMP_NUM_THREADS': str(threads)}
+    values = {}  # (mask, column) -> a number per seed
+    for mask in ('causal', 'stablemask'):
+        for seed in run_seeds:
+            run = os.path.join(out_dir, f"quickstart-{mask}-{seed}")
+            config = os.path.join(repo, 'config', 'train_pydoc_char.py')
+            command = [sys.executable, os.path.join(repo, 'train.py'), config, f"--dataset={data}",
+                       f"--attn_mask={mask}", f"--seed={seed}", f"--max_iters={n_steps}", f"--out_dir={run}",
+                       '--overwrite=True', f"--device={device}"]
+            started = time.time()
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            if done.returncode:
+                raise ValueError(f"train.py failed: {done.stderr.strip().splitlines()[-1]}")
+            values.setdefault((mask, 'train minutes'), []).append((time.time() - started) / 60)
+            model, _ = load_model(run, device, dropout=0.0)
+            model.eval()
+            for stride in QUICKSTART_STRIDES:
+                nats, count = score(model, ids, model.config.block_size, stride, 8, device)
+                values.setdefault((mask, f"loss, stride {stride}"), []).append(nats / count)
+                if stride == QUICKSTART_STRIDES[-1]:
+                    bits = nats / math.log(2) / n_bytes
+                    values.setdefault((mask, 'bits per byte, stride 16'), []).append(bits)
+    columns = [f"loss, stride {s}" for s in QUICKSTART_STRIDES] + ['bits per byte, stride 16']
+    comparisons = [compare(f"StableMask - causal, {c}", values['stablemask', c], values['causal', c],
+                           'nats' if c.startswith('loss') else 'bits per byte') for c in columns]
+    rows = [[mask] + [spread(values[mask, c], 4) for c in columns] for mask in ('causal', 'stablemask')]
+    rows.append(['StableMask - causal'] + [f"{interval(c, 4)} {c['word']}" for c in comparisons])
+    minutes = {mask: np.mean(values[mask, 'train minutes']) for mask in ('causal', 'stablemask')}
+    title = (f"The quickstart's model (config/train_pydoc_char.py: 4 layers, d 128, block_size 128, "
+             f"{n_steps} steps), the whole val split of pydoc_char ({len(ids) - 1:,} predictions, "
+             f"{n_bytes:,} bytes) by eval.py's windows; mean ± SD over {len(run_seeds)} seeds, and the "
+             f"paired difference [95% interval]. Training took {minutes['causal']:.1f} min causal, "
+             f"{minutes['stablemask']:.1f} min StableMask, at {threads} thread(s)")
+    tables = [dict(title=title, header=['model'] + columns, rows=rows)]
+    flat = {f"{mask}, {c}": v for (mask, c), v in values.items()}
+    return dict(seeds=run_seeds, steps=n_steps, tables=tables, values=flat, comparisons=comparisons,
+                settings=dict(config='config/train_pydoc_char.py', strides=list(QUICKSTART_STRIDES)))
+
 
 # -----------------------------------------------------------------------------
 # the verdict, and the README's tables

@@ -7,6 +7,11 @@ KVCache grows with the text and hands each step exactly the keys it sees: the fa
 compiler. FixedKVCache has the same shapes at every decode step (a ring of slots written by index,
 read whole under a mask), so torch.compile traces the step once and a GPU can replay it as a CUDA
 graph: what sample.py --compile=True uses.
+
+Prompts of different lengths share a cache left-padded (model.left_padded): `pad` (B,) counts the
+padding that opens each row. Every row has positions of its own (its first token is position 0) and
+no real token sees padding; the cache's slots stay shared, since padding shifts a row's positions
+and keys alike, so the distances, the window and the ring are those of the columns.
 """
 
 import torch
@@ -17,35 +22,53 @@ from stablemask_sdpa import log_pseudo_mass, ring_bias
 class KVCache:
     """One preallocated buffer per layer, for up to max_len positions. With a window, only what
     later rows can see is kept: the buffer holds twice the window, and when it fills, its newest
-    window-1 entries move to its front (once every window tokens, not at every token)."""
+    window-1 entries move to its front (once every window tokens, not at every token). pad (B,): how
+    many padding tokens open each row (above), or None."""
 
-    def __init__(self, n_layer, max_len, window=None):
+    def __init__(self, n_layer, max_len, window=None, pad=None):
         self.window = window
         self.capacity = max_len if window is None else min(max_len, 2 * window)
-        self.pos = 0  # positions seen: the position of the next token
+        self.pos = 0  # columns seen: the column of the next token (its position, without padding)
         self.held = 0  # entries in the buffers
         self.k, self.v = [None] * n_layer, [None] * n_layer
-        self.log_mass = None  # (H, rows): every row's log pseudo mass, for the decode steps
+        self.table = None  # (H, rows): every row's log pseudo mass, for the decode steps
+        self.pad = pad
+        self.max_pad = 0 if pad is None else int(pad.max())
 
     @property
     def empty(self):
         return self.pos == 0
 
     def positions(self, T, device):
-        """The positions of the next T tokens."""
-        return torch.arange(self.pos, self.pos + T, device=device)
+        """The positions of the next T tokens, (T,), or (B, T) with padding (0 on the padding)."""
+        pos = torch.arange(self.pos, self.pos + T, device=device)
+        return pos if self.pad is None else (pos - self.pad[:, None]).clamp(min=0)
 
-    def step_constants(self, T, gamma, alibi, pseudo_len):
-        """For a decode step (T = 1), its row's log pseudo mass from a table of every row's, made
-        once (a pass would compute it in some ten small operations), None past the pseudo columns:
-        plain causal attention. stablemask_sdpa.virtual_logits reads it."""
-        if T != 1 or gamma is None or pseudo_len is None:
-            return {}
-        if self.pos >= pseudo_len - 1:
-            return {'log pseudo mass': None}
-        if self.log_mass is None:
-            self.log_mass = log_pseudo_mass(gamma, torch.arange(pseudo_len - 1, device=gamma.device), pseudo_len)
-        return {'log pseudo mass': self.log_mass[:, self.pos:self.pos + 1]}
+    def log_mass(self, gamma, pos, pseudo_len):
+        """The log pseudo mass of the rows at positions pos, (H, T) or (B, H, T). A decode step (one row)
+        reads it from a table of every row's, made once (a pass would compute it in some ten small
+        operations), and has None once every row is past the pseudo columns: there StableMask is plain
+        causal attention."""
+        if pos.size(-1) != 1 or not isinstance(pseudo_len, int):
+            return log_pseudo_mass(gamma, pos, pseudo_len)
+        # the row with the most padding is the one furthest behind
+        if self.pos - self.max_pad >= pseudo_len - 1:
+            return None
+        if self.table is None:
+            # row pseudo_len - 1 included: its mass is 0 (-inf), where rows past it read theirs
+            self.table = log_pseudo_mass(gamma, torch.arange(pseudo_len, device=gamma.device), pseudo_len)
+        if self.pad is None:
+            return self.table[:, self.pos:self.pos + 1]
+        return self.table[:, pos.clamp(max=pseudo_len - 1)].transpose(0, 1)
+
+    def step_bias(self, alibi):
+        """A mask over the cache for the step: none, the keys handed to it are the ones it sees."""
+        return None
+
+    def key_pad(self):
+        """(B,): how many of the keys the next pass attends to are padding, or None where none is."""
+        first = self.pos - self._kept()  # the column of the first of those keys
+        return None if first >= self.max_pad else (self.pad - first).clamp(min=0)
 
     def _kept(self):
         """How many held entries the next rows can still see."""
@@ -83,29 +106,37 @@ class FixedKVCache:
     step writes its keys by index at a slot read from a position tensor and attends to the whole
     ring, the slots not yet written hidden by the bias. Attention does not care in which order its
     keys come, only ALiBi's bias does, and it is taken from each slot's distance. No Python number
-    changes between decode steps, so nothing the compiler guards on does."""
+    changes between decode steps, so nothing the compiler guards on does. pad (B,): how many padding
+    tokens open each row (above; p counts columns then), hidden by the bias too, or None."""
 
-    def __init__(self, n_layer, size, window=None):
+    def __init__(self, n_layer, size, window=None, pad=None):
         self.window = window  # what the prompt's pass attends within; the ring holds just as much
         self.size = size if window is None else min(size, window)
         self.empty = True  # until the prompt's pass; its rows attend among themselves
-        self.position = None  # of the next token: a tensor on the cache's device
+        self.position = None  # the column of the next token: a tensor on the cache's device
         self.k, self.v = [None] * n_layer, [None] * n_layer
+        self.pad = pad
 
     def positions(self, T, device):
-        """The positions of the next T tokens: a decode step's from the tensor, so that it is the same graph each time."""
-        return torch.arange(T, device=device) if self.empty else self.position + torch.arange(T, device=device)
+        """The positions of the next T tokens, (T,), or (B, T) with padding (0 on the padding). A decode
+        step's come from the tensor, so that it is the same graph each time."""
+        pos = (torch.arange(T, device=device) if self.empty
+               else self.position + torch.arange(T, device=device))
+        return pos if self.pad is None else (pos - self.pad[:, None]).clamp(min=0)
 
-    def step_constants(self, T, gamma, alibi, pseudo_len):
-        """A decode step's mask over the ring (ALiBi's bias with it) and its row's log pseudo mass,
-        computed once for every layer of the pass (stablemask_sdpa.sdpa_attention reads them)."""
-        if self.empty:
-            return {}
-        shared = {'bias': ring_bias(alibi, self.position, self.size)}
-        if gamma is not None:
-            length = self.position + 1 if pseudo_len is None else pseudo_len  # None: as a full pass over the text so far
-            shared['log pseudo mass'] = log_pseudo_mass(gamma, self.position.view(1), length)
-        return shared
+    def log_mass(self, gamma, pos, pseudo_len):
+        """The log pseudo mass of the rows at positions pos, (H, T) or (B, H, T): a decode step's from the
+        position tensor, so that it is the same graph each time."""
+        return log_pseudo_mass(gamma, pos, pseudo_len)
+
+    def step_bias(self, alibi):
+        """A decode step's mask over the ring (ALiBi's bias and the padding with it), once for every layer
+        of the pass; None for the prompt's pass, whose rows attend among themselves."""
+        return None if self.empty else ring_bias(alibi, self.position, self.size, self.pad)
+
+    def key_pad(self):
+        """(B,): how many of the prompt's keys are padding (None: none); a decode step's mask holds it."""
+        return self.pad if self.empty else None
 
     def update(self, layer, k, v):
         """Store k, v (B, H, T, D) of the next T positions; return what they attend to: the prompt's

@@ -1,11 +1,11 @@
 """
 Text to token files for train.py, streamed: memory stays flat however large the corpus.
 
-    python prepare_data.py                                # offline: the English help text that ships with Python
-    python prepare_data.py shakespeare --tokenizer=char   # Tiny Shakespeare: downloaded, or --input a local copy
-    python prepare_data.py wikitext103                    # the paper's WikiText-103 (raw), a 190 MB download
-    python prepare_data.py minipile                       # MiniPile's parquet files (6 GB), or --input a local copy
-    python prepare_data.py pile --input pile/train/ --val_input pile/val.jsonl.zst   # the Pile's .jsonl.zst files
+    python prepare_data.py                               # offline: the English help text in every Python
+    python prepare_data.py shakespeare --tokenizer=char  # Tiny Shakespeare: downloaded, or --input a copy
+    python prepare_data.py wikitext103                   # the paper's WikiText-103 (raw), a 190 MB download
+    python prepare_data.py minipile                      # MiniPile's parquet (6 GB), or --input a local copy
+    python prepare_data.py pile --input pile/train/ --val_input pile/val.jsonl.zst  # the Pile's files
     python prepare_data.py --input notes/ book.txt --name=mine   # your own files and folders
 
 Inputs: .jsonl, .jsonl.gz, .jsonl.zst (a document per line, in its `text` field; --text_key names
@@ -58,11 +58,12 @@ from tqdm import tqdm
 
 import run_dir
 from corpus import CorpusError, Tally, documents, files_under, held_out, sections, text_document
+from tokenizer import GPT2_EOT, TokenizerError, gpt2_encoding, hf_tokenizer, hf_tokenizer_meta
 
 SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 WIKITEXT103_URL = 'https://wikitext.smerity.com/wikitext-103-raw-v1.zip'
-MINIPILE_LIST_URL = 'https://datasets-server.huggingface.co/parquet?dataset=JeanKaddour/minipile'  # the Hub's parquet listing
-GPT2_EOT = 50256  # <|endoftext|>, placed after every document
+# the Hub's parquet listing
+MINIPILE_LIST_URL = 'https://datasets-server.huggingface.co/parquet?dataset=JeanKaddour/minipile'
 LOCK = 'prepare.lock'  # in the output folder: held while a run writes there
 
 
@@ -89,7 +90,8 @@ def download(url, dest):
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             size = int(response.headers.get('Content-Length') or 0) or None
-            with atomic_file(dest) as f, tqdm(total=size, unit='B', unit_scale=True, desc=f"download {os.path.basename(dest)}") as bar:
+            with run_dir.atomic_file(dest) as f, tqdm(total=size, unit='B', unit_scale=True,
+                                                      desc=f"download {os.path.basename(dest)}") as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
@@ -116,18 +118,21 @@ def load_pydoc(args, cache_dir):
 
 
 def load_shakespeare(args, cache_dir):
-    path = files_under(args.input[:1])[0] if args.input else download(SHAKESPEARE_URL, os.path.join(cache_dir, 'input.txt'))
+    path = (files_under(args.input[:1])[0] if args.input
+            else download(SHAKESPEARE_URL, os.path.join(cache_dir, 'input.txt')))
     return {'all': from_files([path], args.text_key)}, [path]
 
 
 def load_wikitext103(args, cache_dir):
     """WikiText-103 raw, with its own train and validation splits; --input takes the zip or its folder."""
-    path = args.input[0] if args.input else download(WIKITEXT103_URL, os.path.join(cache_dir, 'wikitext-103-raw-v1.zip'))
+    path = (args.input[0] if args.input
+            else download(WIKITEXT103_URL, os.path.join(cache_dir, 'wikitext-103-raw-v1.zip')))
     if not os.path.exists(path):
         raise PrepareError(f"{path}: no such file or folder")
     names = {'train': 'wiki.train.raw', 'val': 'wiki.valid.raw'}
     if os.path.isdir(path):
-        return {split: from_files([os.path.join(path, name)], args.text_key) for split, name in names.items()}, [path]
+        return {split: from_files([os.path.join(path, name)], args.text_key)
+                for split, name in names.items()}, [path]
     try:
         with zipfile.ZipFile(path) as archive:
             members = {os.path.basename(m): m for m in archive.namelist()}
@@ -140,7 +145,8 @@ def load_wikitext103(args, cache_dir):
     def member(name):
         def read(tally):
             with zipfile.ZipFile(path) as archive, archive.open(members[name]) as f:
-                yield from text_document(io.TextIOWrapper(f, encoding='utf-8', newline=''), f"{path}:{name}", tally)
+                yield from text_document(io.TextIOWrapper(f, encoding='utf-8', newline=''),
+                                         f"{path}:{name}", tally)
         return read
     return {split: member(name) for split, name in names.items()}, [path]
 
@@ -156,13 +162,16 @@ def load_minipile(args, cache_dir):
             with urllib.request.urlopen(MINIPILE_LIST_URL, timeout=30) as response:
                 listing = json.load(response)['parquet_files']
         except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError, KeyError) as e:
-            raise PrepareError(f"cannot list MiniPile's files at {MINIPILE_LIST_URL} ({e}); give a local copy with --input") from None
+            raise PrepareError(f"cannot list MiniPile's files at {MINIPILE_LIST_URL} ({e}); "
+                               f"give a local copy with --input") from None
         found = [download(f['url'], os.path.join(cache_dir, 'download', f['split'], f['filename']))
                  for f in listing if f['split'] in ('train', 'validation')]
     val = [f for f in found if 'validation' in f]
-    train = [f for f in found if 'validation' not in f and 'test' not in os.path.basename(os.path.dirname(f)) + os.path.basename(f)]
+    train = [f for f in found if 'validation' not in f
+             and 'test' not in os.path.basename(os.path.dirname(f)) + os.path.basename(f)]
     if not train or not val:
-        raise PrepareError(f"no MiniPile train and validation parquet files in {' '.join(args.input) or cache_dir}")
+        raise PrepareError(f"no MiniPile train and validation parquet files in "
+                           f"{' '.join(args.input) or cache_dir}")
     return {'train': from_files(train, args.text_key), 'val': from_files(val, args.text_key)}, train + val
 
 
@@ -185,85 +194,16 @@ SOURCES = {'pydoc': load_pydoc, 'shakespeare': load_shakespeare, 'wikitext103': 
 # tokenizers: described by a meta.json, built from it in every process
 
 
-def gpt2_encoding():
-    import tiktoken
-    try:
-        return tiktoken.get_encoding('r50k_base')  # GPT-2's BPE vocabulary, from one cacheable file
-    except Exception as e:  # tiktoken raises whatever its download raised
-        raise PrepareError(f"cannot load the GPT-2 BPE (tiktoken r50k_base: {type(e).__name__}); offline, "
-                           "set TIKTOKEN_CACHE_DIR to a folder that holds it") from None
-
-
-def hf_tokenizer(folder, expected_sha256=None):
-    """A Hugging Face tokenizer.json, as the tokenizers library loads it; checked against the hash a
-    dataset or checkpoint recorded for it, if any."""
-    from pretrained import file_sha256
-    path = os.path.join(folder, 'tokenizer.json')
-    if not os.path.isfile(path):
-        raise PrepareError(f"no tokenizer.json in {folder}")
-    if expected_sha256 and file_sha256(path) != expected_sha256:
-        raise PrepareError(f"{path} is another tokenizer than the one recorded (sha256 {expected_sha256[:12]}...)")
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise PrepareError("a Hugging Face tokenizer needs the tokenizers package: pip install tokenizers") from None
-    try:
-        return Tokenizer.from_file(path)
-    except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot read
-        raise PrepareError(f"{path} is not a tokenizer the tokenizers library reads: {e}") from None
-
-
-def hf_tokenizer_meta(folder):
-    """meta.json's description of a Hugging Face model folder's tokenizer: where it is, its hash, its
-    vocabulary and its end-of-sequence token (config.json's, or tokenizer_config.json's)."""
-    from pretrained import tokenizer_meta
-    tokenizer = hf_tokenizer(folder)
-    try:
-        meta = tokenizer_meta(folder)
-    except ValueError as e:  # a config.json or tokenizer_config.json that is not JSON
-        raise PrepareError(str(e)) from None
-    if meta['eot_token'] is None:
-        raise PrepareError(f"{folder} names no end-of-sequence token (eos_token_id in config.json, eos_token in tokenizer_config.json)")
-    # an id past their count (a gap in the numbering) still needs a row of the embedding
-    largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
-    return dict(meta, vocab_size=max(tokenizer.get_vocab_size(with_added_tokens=True), largest + 1))
-
-
-def tokenizer_from_meta(meta, folder=None, show_special=None):
-    """(encode: str -> list of ids, decode: list of ids -> str) for the tokenizer a meta.json (or a
-    checkpoint's meta) names. folder: where a Hugging Face tokenizer is now, if it has moved.
-    show_special: whether decode writes special tokens (<|endoftext|>, <|im_start|>, ...); None:
-    each tokenizer's own way (GPT-2's does, a Hugging Face tokenizer's does not)."""
-    if meta['tokenizer'] == 'gpt2':
-        enc = gpt2_encoding()
-        hidden = set() if show_special in (None, True) else {GPT2_EOT}
-        return enc.encode_ordinary, lambda ids: enc.decode([i for i in ids if i not in hidden])
-    if meta['tokenizer'] == 'hf':
-        folder = folder or meta['tokenizer_path']
-        if not os.path.isdir(folder):
-            raise PrepareError(f"the tokenizer was at {folder}, which is not there now: pass --tokenizer=<the folder holding its tokenizer.json>")
-        tokenizer = hf_tokenizer(folder, meta['tokenizer_sha256'])
-        return (lambda text: tokenizer.encode(text, add_special_tokens=False).ids,  # the special tokens written in text still count
-                lambda ids: tokenizer.decode(ids, skip_special_tokens=not show_special))
-    chars = meta['chars']
-    stoi = {c: i for i, c in enumerate(chars)}
-
-    def encode(text):
-        unknown = sorted(set(text) - stoi.keys())
-        if unknown:
-            raise PrepareError(f"characters not in the vocabulary: {''.join(unknown)!r}")
-        return [stoi[c] for c in text]
-    return encode, lambda ids: ''.join(chars[i] for i in ids)
-
-
 def section_encoder(meta):
     """encode(text) -> token ids as a numpy array, and the token that ends a document."""
     if meta['tokenizer'] == 'gpt2':
-        enc = gpt2_encoding()  # encode_to_numpy with no special tokens is encode_ordinary, without a Python list
+        # encode_to_numpy with no special tokens is encode_ordinary, without a Python list
+        enc = gpt2_encoding()
         return lambda text: enc.encode_to_numpy(text, disallowed_special=()), meta['eot_token']
     if meta['tokenizer'] == 'hf':
         tokenizer = hf_tokenizer(meta['tokenizer_path'], meta['tokenizer_sha256'])
-        return lambda text: np.array(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.uint32), meta['eot_token']
+        return lambda text: np.array(tokenizer.encode(text, add_special_tokens=False).ids,
+                                     dtype=np.uint32), meta['eot_token']
     table = np.array([ord(c) for c in meta['chars']], dtype=np.uint32)  # sorted by code point
 
     def encode_chars(text):
@@ -302,14 +242,16 @@ def watch_parent():
 
 
 def encode_chunk(chunk):
-    """{split: token bytes} of a chunk's sections, in order; the end token after a document's last section."""
+    """{split: token bytes} of a chunk's sections, in order. The end token follows a document's last
+    section."""
     encode, end = _worker['encode'], np.array([_worker['end']])
     out = {'train': [], 'val': []}
     for text, last, split in chunk:
         out[split].append(encode(text))
         if last:
             out[split].append(end)
-    return {split: np.concatenate(ids).astype(_worker['dtype']).tobytes() if ids else b'' for split, ids in out.items()}
+    return {split: np.concatenate(ids).astype(_worker['dtype']).tobytes() if ids else b''
+            for split, ids in out.items()}
 
 
 def encoded_chunks(chunks, meta, workers):
@@ -333,10 +275,10 @@ def encoded_chunks(chunks, meta, workers):
 
 
 def cut_rule(meta):
-    """How corpus.sections may cut long documents for this tokenizer: wherever its rule allows for
-    GPT-2's BPE and characters (proven); for a Hugging Face tokenizer, only where tokenizing the text
-    on each side apart gives its tokens of the two together (a SentencePiece tokenizer that adds a
-    space to the start of a text fails there, and its documents stay whole)."""
+    """How corpus.sections may cut long documents for this tokenizer. For GPT-2's BPE and characters:
+    wherever its rule allows (proven). For a Hugging Face tokenizer: only where tokenizing the text on
+    each side apart gives its tokens of the two together. A SentencePiece tokenizer that adds a space
+    to the start of a text fails there, and its documents stay whole."""
     if meta['tokenizer'] != 'hf':
         return True
     tokenizer = hf_tokenizer(meta['tokenizer_path'], meta['tokenizer_sha256'])
@@ -362,30 +304,10 @@ def chunks_of(splits, val_fraction, chunk_chars, tally, cut=True):
         yield chunk
 
 
-class atomic_file:
-    """open(path, 'wb') that leaves path untouched unless the with-block completes."""
-
-    def __init__(self, path):
-        self.path, self.tmp = path, f"{path}.tmp{os.getpid()}"
-
-    def __enter__(self):
-        self.f = open(self.tmp, 'wb')
-        return self.f
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            self.f.close()  # its last bytes go out here: a full disk can refuse them
-            if exc_type is None:
-                os.replace(self.tmp, self.path)
-        finally:
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
-
-
 def write_json(path, value):
     try:
-        with atomic_file(path) as f:
-            f.write(json.dumps(value, indent=1).encode())
+        with run_dir.atomic_file(path, 'w') as f:
+            f.write(json.dumps(value, indent=1))
     except OSError as e:
         raise PrepareError(cannot_write(path, e)) from None
 
@@ -408,9 +330,11 @@ def cannot_write(path, e):
 
 
 def fingerprint(source, files, meta, args):
-    """What decides the output bytes: a record from another run of other inputs or settings is not continued."""
+    """What decides the output bytes. A record from another run, of other inputs or settings, is not
+    continued."""
     stats = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files if os.path.isfile(f)]
-    what = [source, stats, meta, args.text_key, args.val_fraction, args.chunk_chars, sys.version if source == 'pydoc' else '']
+    what = [source, stats, meta, args.text_key, args.val_fraction, args.chunk_chars,
+            sys.version if source == 'pydoc' else '']
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
 
@@ -420,17 +344,21 @@ def prepare(source, inputs, tokenizer, name, out_dir='data', val_fraction=0.1, w
     if source not in SOURCES:
         raise PrepareError(f"unknown source {source!r}; choose from {', '.join(SOURCES)} (or give --input)")
     if tokenizer not in ('gpt2', 'char') and not os.path.isfile(os.path.join(tokenizer, 'tokenizer.json')):
-        raise PrepareError(f"unknown tokenizer {tokenizer!r}; choose gpt2, char, or a model folder holding a tokenizer.json")
+        raise PrepareError(f"unknown tokenizer {tokenizer!r}; "
+                           f"choose gpt2, char, or a model folder holding a tokenizer.json")
     if not 0 < val_fraction < 1:
         raise PrepareError(f"--val_fraction={val_fraction}: expected a fraction between 0 and 1")
     if chunk_chars < 1 or not 0 <= max_malformed < 1 or (workers is not None and workers < 1):
-        raise PrepareError("--chunk_chars and --workers must be positive, --max_malformed a fraction below 1")
+        raise PrepareError("--chunk_chars and --workers must be positive, "
+                           "--max_malformed a fraction below 1")
     if not name:
-        name = source if source != 'files' else os.path.splitext(os.path.basename(os.path.normpath(inputs[0])))[0]
-        name += '' if tokenizer == 'gpt2' else '_char' if tokenizer == 'char' else '_' + os.path.basename(os.path.normpath(tokenizer))
+        name = (source if source != 'files'
+                else os.path.splitext(os.path.basename(os.path.normpath(inputs[0])))[0])
+        name += ('' if tokenizer == 'gpt2' else '_char' if tokenizer == 'char'
+                 else '_' + os.path.basename(os.path.normpath(tokenizer)))
     dest = os.path.join(out_dir, name)
-    args = argparse.Namespace(source=source, input=list(inputs), val_input=list(val_inputs), text_key=text_key,
-                              val_fraction=val_fraction, chunk_chars=chunk_chars)
+    args = argparse.Namespace(source=source, input=list(inputs), val_input=list(val_inputs),
+                              text_key=text_key, val_fraction=val_fraction, chunk_chars=chunk_chars)
     try:
         lock, made, note = run_dir.hold(dest, LOCK, '--name or --out_dir')
     except OSError as e:
@@ -442,8 +370,10 @@ def prepare(source, inputs, tokenizer, name, out_dir='data', val_fraction=0.1, w
     undo = ()  # what the run made, removed when it fails (an interruption keeps its chunks, to continue)
     try:
         splits, files = SOURCES[source](args, dest)
-        return write_dataset(dest, splits, files, source, tokenizer, args, workers or os.cpu_count() or 1, max_malformed)
-    except (PrepareError, CorpusError) as e:  # bad input or a full disk: nothing stays behind
+        return write_dataset(dest, splits, files, source, tokenizer, args,
+                             workers or os.cpu_count() or 1, max_malformed)
+    except (PrepareError, CorpusError, TokenizerError) as e:
+        # bad input or a full disk: nothing stays behind
         for leftover in ('train.bin.part', 'val.bin.part', 'progress.json'):
             if os.path.exists(os.path.join(dest, leftover)):
                 os.remove(os.path.join(dest, leftover))
@@ -505,7 +435,8 @@ def write_dataset(dest, splits, files, source, tokenizer, args, workers, max_mal
             progress['chunks'] += 1
             write_json(progress_path, progress)  # after the tokens it vouches for are on disk
             bar.update(tally.bytes - bar.n)
-            bar.set_postfix(docs=f"{tally.documents:,}", tokens=f"{(progress['train'] + progress['val']) // itemsize:,}")
+            bar.set_postfix(docs=f"{tally.documents:,}",
+                            tokens=f"{(progress['train'] + progress['val']) // itemsize:,}")
             check_malformed(tally, max_malformed, final=False)
     bar.close()
 
@@ -515,9 +446,12 @@ def write_dataset(dest, splits, files, source, tokenizer, args, workers, max_mal
                 malformed_first=tally.places)
     for split in ('train', 'val'):
         if meta[f"{split}_tokens"] < 2:
-            why = (f" (the text made {tally.sections} section{'s' * (tally.sections != 1)}, of which --val_fraction={args.val_fraction} are held out: "
-                   f"give more text, or a validation split with --val_input)" if 'all' in splits and tally.sections else '')
-            raise PrepareError(f"too little text: the {split} split has {meta[f'{split}_tokens']} tokens{why}")
+            why = (f" (the text made {tally.sections} section{'s' * (tally.sections != 1)}, "
+                   f"of which --val_fraction={args.val_fraction} are held out: "
+                   f"give more text, or a validation split with --val_input)"
+                   if 'all' in splits and tally.sections else '')
+            raise PrepareError(f"too little text: the {split} split has "
+                               f"{meta[f'{split}_tokens']} tokens{why}")
     for split, path in parts.items():
         os.replace(path, os.path.join(dest, f"{split}.bin"))
     write_json(os.path.join(dest, 'meta.json'), meta)  # last: its token counts vouch for the .bin files
@@ -525,106 +459,55 @@ def write_dataset(dest, splits, files, source, tokenizer, args, workers, max_mal
     return dest, meta
 
 
-def dataset_folder(dataset):
-    """A folder that holds a meta.json, or a name under data/ (not a raw text folder of the same name)."""
-    return dataset if os.path.isfile(os.path.join(dataset, 'meta.json')) else os.path.join('data', dataset)
-
-
-def read_dataset(data_dir):
-    """A prepared dataset's meta.json, after checking that its token files are whole (meta.json is
-    written last). Raises PrepareError, one line, when they are missing, foreign or cut short."""
-    try:
-        with open(os.path.join(data_dir, 'meta.json')) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        raise PrepareError(f"no dataset at {data_dir} (no readable meta.json): make one with prepare_data.py") from None
-    if not isinstance(meta, dict) or not {'train_tokens', 'val_tokens', 'dtype', 'vocab_size', 'tokenizer'} <= meta.keys():
-        raise PrepareError(f"{data_dir}/meta.json was not written by prepare_data.py: rerun it")
-    problem = meta_problem(meta)
-    if problem:
-        raise PrepareError(f"{data_dir}/meta.json: {problem}: prepare the dataset again with prepare_data.py")
-    for split in ('train', 'val'):
-        path = os.path.join(data_dir, f"{split}.bin")
-        expected = meta[f"{split}_tokens"] * np.dtype(meta['dtype']).itemsize
-        if not os.path.isfile(path) or os.path.getsize(path) != expected:
-            raise PrepareError(f"{path} does not match {data_dir}/meta.json: rerun prepare_data.py")
-    return meta
-
-
-def meta_problem(meta):
-    """What in a meta.json's values no dataset of prepare_data.py has (a phrase), or None: the counts
-    whole numbers, and the token ids it records (the largest, the end token; datasets written before
-    the largest was recorded have none) inside its vocabulary, so that no reader indexes past it."""
-    whole = lambda value: type(value) is int and value >= 0  # not a bool, not a float
-    for key in ('vocab_size', 'train_tokens', 'val_tokens'):
-        if not whole(meta[key]) or meta[key] == 0 and key == 'vocab_size':
-            return f"{key} is {meta[key]!r}, not a {'positive ' * (key == 'vocab_size')}whole number"
-    if meta['dtype'] not in ('uint16', 'uint32'):
-        return f"dtype is {meta['dtype']!r}, not uint16 or uint32"
-    vocab = meta['vocab_size']
-    chars = meta.get('chars') if isinstance(meta.get('chars'), list) else []
-    if meta['tokenizer'] == 'char' and len(chars) != vocab:
-        return f"vocab_size is {vocab}, but its character table has {len(chars)} entries"
-    if 'max_token_id' in meta and not (type(meta['max_token_id']) is int and meta['max_token_id'] < vocab):
-        return (f"its token ids reach {meta['max_token_id']!r} (max_token_id), past its vocab_size of "
-                f"{vocab}: its tokens and meta.json are of two tokenizers, or it was edited")
-    if 'eot_token' in meta and not (type(meta['eot_token']) is int and 0 <= meta['eot_token'] < vocab):
-        return f"its end-of-text token is {meta['eot_token']!r} (eot_token), past its vocab_size of {vocab}"
-    return None
-
-
-def tokenizer_mismatch(model_meta, data_meta, source, data_dir):
-    """Why a model (the tokenizer description in its checkpoint, `source`) cannot read a dataset
-    prepared as data_meta, in one line, or None when it can: its ids would mean other text."""
-    trained, prepared = model_meta['tokenizer'], data_meta['tokenizer']
-    if trained != prepared or model_meta.get('tokenizer_sha256') != data_meta.get('tokenizer_sha256'):
-        return (f"{source} was trained on the {trained} tokenizer but {data_dir} is tokenized with "
-                f"{prepared}{' (another tokenizer.json)' * (trained == prepared)}: prepare it with "
-                f"--tokenizer={model_meta.get('tokenizer_path') or trained}")
-    if model_meta.get('chars') != data_meta.get('chars'):
-        chars, other = model_meta.get('chars') or (), data_meta.get('chars') or ()
-        only = sorted(set(chars) ^ set(other))
-        return (f"the character tables of {source} ({len(chars)} characters) and {data_dir} "
-                f"({len(other)}) differ ({''.join(only[:10])!r} in one only): a character model reads only its own")
-    return None
-
-
 def check_malformed(tally, max_malformed, final):
-    """Malformed records are skipped, up to a share of all of them; past it the run stops (early,
-    once a thousand are seen, rather than after reading terabytes of the wrong thing)."""
+    """Malformed records are skipped, up to a share of all of them; past it the run stops. It stops
+    early, once a thousand are seen, rather than after reading terabytes of the wrong thing."""
     seen = tally.documents + tally.malformed
     if seen and tally.malformed / seen > max_malformed and (final or tally.malformed >= 1000):
-        raise PrepareError(f"{tally.malformed:,} of {seen:,} records are malformed, more than --max_malformed={max_malformed} "
-                           f"allows (first: {'; '.join(tally.places)})")
+        raise PrepareError(f"{tally.malformed:,} of {seen:,} records are malformed, more than "
+                           f"--max_malformed={max_malformed} allows (first: {'; '.join(tally.places)})")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('source', nargs='?', help=f"one of {', '.join(SOURCES)} (default: pydoc, or files with --input)")
-    parser.add_argument('--input', nargs='+', default=[], metavar='PATH', help='local files or folders (or a local copy of the source)')
-    parser.add_argument('--val_input', nargs='+', default=[], metavar='PATH', help='files or folders of the validation split')
-    parser.add_argument('--tokenizer', default='gpt2', help="gpt2 (default), char, or a Hugging Face model's folder (its tokenizer.json)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('source', nargs='?',
+                        help=f"one of {', '.join(SOURCES)} (default: pydoc, or files with --input)")
+    parser.add_argument('--input', nargs='+', default=[], metavar='PATH',
+                        help='local files or folders (or a local copy of the source)')
+    parser.add_argument('--val_input', nargs='+', default=[], metavar='PATH',
+                        help='files or folders of the validation split')
+    parser.add_argument('--tokenizer', default='gpt2',
+                        help="gpt2 (default), char, or a Hugging Face model's folder (its tokenizer.json)")
     parser.add_argument('--name', help='the folder under --out_dir (default: the source, plus _char)')
     parser.add_argument('--out_dir', default='data')
-    parser.add_argument('--val_fraction', type=float, default=0.1, help='the share of sections held out (sources without a split of their own)')
-    parser.add_argument('--text_key', default='text', help='the field (jsonl) or column (parquet) that holds the text')
-    parser.add_argument('--workers', type=int, default=None, help='tokenizer processes (default: one per core)')
-    parser.add_argument('--chunk_chars', type=int, default=1 << 22, help='characters per unit of work, and of resumption')
-    parser.add_argument('--max_malformed', type=float, default=0.001, help='the share of malformed records tolerated')
+    parser.add_argument('--val_fraction', type=float, default=0.1,
+                        help='the share of sections held out (sources without a split of their own)')
+    parser.add_argument('--text_key', default='text',
+                        help='the field (jsonl) or column (parquet) that holds the text')
+    parser.add_argument('--workers', type=int, default=None,
+                        help='tokenizer processes (default: one per core)')
+    parser.add_argument('--chunk_chars', type=int, default=1 << 22,
+                        help='characters per unit of work, and of resumption')
+    parser.add_argument('--max_malformed', type=float, default=0.001,
+                        help='the share of malformed records tolerated')
     parser.error = lambda message: sys.exit(f"prepare_data.py: error: {message}")
     args = parser.parse_args(argv)
     source = args.source or ('files' if args.input else 'pydoc')
     try:
-        dest, meta = prepare(source, args.input, args.tokenizer, args.name, args.out_dir, args.val_fraction, args.workers,
-                             args.val_input, args.text_key, args.chunk_chars, args.max_malformed)
+        dest, meta = prepare(source, args.input, args.tokenizer, args.name, args.out_dir,
+                             args.val_fraction, args.workers, args.val_input, args.text_key,
+                             args.chunk_chars, args.max_malformed)
     except PrepareError as e:
         sys.exit(f"prepare_data.py: error: {e}")
     except KeyboardInterrupt:
         sys.exit("prepare_data.py: interrupted; the same command continues from the last finished chunk")
     total = meta['train_tokens'] + meta['val_tokens']
-    skipped = f"; {meta['malformed']:,} malformed records skipped (first: {'; '.join(meta['malformed_first'])})" if meta['malformed'] else ''
-    print(f"{dest}: {meta['documents']:,} documents, {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
-          f"({100 * meta['val_tokens'] / total:.1f}% held out), {meta['tokenizer']} vocabulary of {meta['vocab_size']:,}{skipped}")
+    skipped = (f"; {meta['malformed']:,} malformed records skipped "
+               f"(first: {'; '.join(meta['malformed_first'])})" if meta['malformed'] else '')
+    print(f"{dest}: {meta['documents']:,} documents, {meta['train_tokens']:,} train and "
+          f"{meta['val_tokens']:,} val tokens ({100 * meta['val_tokens'] / total:.1f}% held out), "
+          f"{meta['tokenizer']} vocabulary of {meta['vocab_size']:,}{skipped}")
 
 
 if __name__ == '__main__':

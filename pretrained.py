@@ -2,9 +2,11 @@
 Hugging Face checkpoints of the LLaMA family as this repository's GPT: LlamaForCausalLM (Llama 2 and
 3.x, TinyLlama, SmolLM and SmolLM2), Qwen2ForCausalLM and MistralForCausalLM without a sliding
 window. Our model is already LLaMA's (RMSNorm, SwiGLU, rotate-half RoPE), so this is one table of
-names and one loop; q, k and v are fused into c_attn, as gpt-fast's converter does.
+names and one loop; q, k and v are fused into c_attn, as gpt-fast's converter does. The folders
+export_hf.py writes for our other models (StableMaskForCausalLM) are read too: their config.json holds
+GPTConfig's fields, their weights keep our names.
 
-    checkpoint = pretrained_checkpoint('SmolLM2-135M/')   # what model.load_checkpoint returns for such a folder
+    checkpoint = pretrained_checkpoint('SmolLM2-135M/')   # load_checkpoint's result for such a folder
 
 The weights come from model.safetensors or a sharded model.safetensors.index.json (pip install
 safetensors); a pickled pytorch_model.bin is refused, as loading it could run code. A folder is
@@ -14,16 +16,16 @@ ValueError, one line naming the file. A chat template renders in jinja2's sandbo
 size limit.
 """
 
-import hashlib
-import json
 import os
 import re
-import signal
-import threading
 
 import torch
 
+from model import GPT, GPTConfig
+from tokenizer import read_json, tokenizer_meta
+
 SUPPORTED = ('LlamaForCausalLM', 'Qwen2ForCausalLM', 'MistralForCausalLM')
+EXPORTED = 'StableMaskForCausalLM'  # a folder export_hf.py wrote: our GPT, any of its settings
 RENAMES = [  # Hugging Face name -> ours; q, k and v go into c_attn (below)
     (r'model\.embed_tokens\.weight', 'transformer.wte.weight'),
     (r'model\.norm\.weight', 'transformer.ln_f.weight'),
@@ -34,16 +36,16 @@ RENAMES = [  # Hugging Face name -> ours; q, k and v go into c_attn (below)
     (r'model\.layers\.(\d+)\.mlp\.gate_proj\.weight', r'transformer.h.\1.mlp.c_gate.weight'),
     (r'model\.layers\.(\d+)\.mlp\.up_proj\.weight', r'transformer.h.\1.mlp.c_fc.weight'),
     (r'model\.layers\.(\d+)\.mlp\.down_proj\.weight', r'transformer.h.\1.mlp.c_proj.weight'),
+    (r'model\.(transformer\..+|lm_head\.weight|sink_token)', r'\1'),  # ours, in a folder export_hf.py wrote
 ]
 QKV = re.compile(r'model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)')
 REQUIRED = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
             'max_position_embeddings')  # config.json's fields that have no default
-RENDER_SECONDS = 10  # a chat template's rendering is stopped past this (a real one takes milliseconds)...
-RENDER_CHARS = 1 << 20  # ...or past this many characters, far beyond any model's context
 
 
 def is_pretrained_folder(path):
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, 'config.json')) and not os.path.isfile(os.path.join(path, 'ckpt.pt'))
+    return (os.path.isdir(path) and os.path.isfile(os.path.join(path, 'config.json'))
+            and not os.path.isfile(os.path.join(path, 'ckpt.pt')))
 
 
 def model_args(config, where):
@@ -51,6 +53,8 @@ def model_args(config, where):
     (rope_theta, rope_scaling) or transformers 5's (rope_parameters). Raises ValueError, one line,
     naming what is unsupported or missing."""
     arch = (config.get('architectures') or ['(none)'])[0]
+    if arch == EXPORTED:
+        return exported_args(config, where)
     if arch not in SUPPORTED:
         raise ValueError(f"{where}: {arch} is not supported (only {', '.join(SUPPORTED)})")
     for key in REQUIRED + ('num_key_value_heads', 'head_dim'):
@@ -60,7 +64,8 @@ def model_args(config, where):
         if value is not None and (type(value) is not int or value < 1):
             raise ValueError(f"{where}/config.json: {key}={value!r}, expected a positive whole number")
     window = config.get('sliding_window')
-    if window and (arch == 'MistralForCausalLM' or config.get('use_sliding_window')) and window < config['max_position_embeddings']:
+    if (window and (arch == 'MistralForCausalLM' or config.get('use_sliding_window'))
+            and window < config['max_position_embeddings']):
         raise ValueError(f"{where}: a sliding window of {window} is not supported")
     for key in ('attention_bias', 'mlp_bias'):
         if config.get(key):
@@ -76,11 +81,43 @@ def model_args(config, where):
     return dict(
         vocab_size=config['vocab_size'], n_layer=config['num_hidden_layers'], n_head=heads,
         n_kv_head=config.get('num_key_value_heads') or heads, n_embd=config['hidden_size'],
-        head_dim=config.get('head_dim') or config['hidden_size'] // heads, n_hidden=config['intermediate_size'],
-        norm_eps=config.get('rms_norm_eps', 1e-6), rope_base=float(theta),
-        rope_scaling=None if kind == 'default' else {'rope_type': kind, **{k: v for k, v in rope.items() if k not in ('rope_type', 'type')}},
-        qkv_bias=arch == 'Qwen2ForCausalLM', tie_embeddings=bool(config.get('tie_word_embeddings', False)),
-        block_size=config['max_position_embeddings'], bias=False, pos_enc='rope', attn_mask='causal', dropout=0.0)
+        head_dim=config.get('head_dim') or config['hidden_size'] // heads,
+        n_hidden=config['intermediate_size'], norm_eps=config.get('rms_norm_eps', 1e-6),
+        rope_base=float(theta),
+        rope_scaling=None if kind == 'default' else {
+            'rope_type': kind, **{k: v for k, v in rope.items() if k not in ('rope_type', 'type')}},
+        qkv_bias=arch == 'Qwen2ForCausalLM',
+        tie_embeddings=bool(config.get('tie_word_embeddings', False)),
+        block_size=config['max_position_embeddings'], bias=False, pos_enc='rope',
+        attn_mask='causal', dropout=0.0)
+
+
+def exported_args(config, where):
+    """GPTConfig fields of a folder export_hf.py wrote: its config.json holds them in `stablemask`."""
+    fields = config.get('stablemask')
+    if not isinstance(fields, dict):
+        raise ValueError(f"{where}/config.json has no stablemask settings, which {EXPORTED} needs")
+    args = {k: fields[k] for k in GPTConfig.__dataclass_fields__ if k in fields and k != 'attn_impl'}
+    for key in ('vocab_size', 'n_layer', 'n_head', 'n_embd', 'block_size'):
+        if type(args.get(key)) is not int or args[key] < 1:
+            raise ValueError(f"{where}/config.json: stablemask's {key}={args.get(key)!r}, "
+                             f"expected a positive whole number")
+    return args
+
+
+def exported_tokenizer(config, where):
+    """The tokenizer description export_hf.py keeps in config.json for GPT-2's BPE and character tables,
+    so that our scripts tokenize with them as before (the folder's tokenizer.json is for transformers);
+    None for a Hugging Face tokenizer, which the folder's own tokenizer.json is."""
+    meta = config.get('stablemask_tokenizer')
+    if meta is None:
+        return None
+    chars = meta.get('chars') if isinstance(meta, dict) else None
+    if not (isinstance(meta, dict) and (meta.get('tokenizer') == 'gpt2' or meta.get('tokenizer') == 'char'
+            and isinstance(chars, list) and all(isinstance(c, str) and len(c) == 1 for c in chars))):
+        raise ValueError(f"{where}/config.json: stablemask_tokenizer is not a description of GPT-2's BPE "
+                         f"or of a character table")
+    return meta
 
 
 def weight_files(folder):
@@ -96,7 +133,8 @@ def tensor_shapes(folder):
     try:
         from safetensors import SafetensorError, safe_open
     except ImportError:
-        raise ValueError("loading a Hugging Face checkpoint needs the safetensors package: pip install safetensors") from None
+        raise ValueError("loading a Hugging Face checkpoint needs the safetensors package: "
+                         "pip install safetensors") from None
     index = os.path.join(folder, 'model.safetensors.index.json')
     if os.path.isfile(index):
         weight_map = read_json(folder, 'model.safetensors.index.json').get('weight_map')
@@ -118,7 +156,8 @@ def tensor_shapes(folder):
             with safe_open(file, framework='pt') as f:
                 found.update({name: (file, tuple(f.get_slice(name).get_shape())) for name in f.keys()})
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{file} is not a whole safetensors file (cut short, or damaged): {e}") from None
+            raise ValueError(f"{file} is not a whole safetensors file "
+                             f"(cut short, or damaged): {e}") from None
     if placed is None:
         return found
     for name, file in placed.items():
@@ -170,7 +209,6 @@ def check_weights(folder, args):
     """That the folder's safetensors files hold every tensor of the model config.json describes, in
     its shape, and no other: from the files' headers, before any model is built or tensor read (a
     process under FSDP then reads its rows of each). Raises ValueError, one line naming the file."""
-    from model import GPT, GPTConfig  # on use: model.py imports this module on use too
     found = tensor_shapes(folder)
     sources = source_map(found, args, folder)
     try:
@@ -200,115 +238,6 @@ def state_dict(weights, args, where):
             for ours, names in source_map(weights, args, where).items()}
 
 
-def tokenizer_meta(folder):
-    """How a dataset tokenized with this folder's tokenizer.json is described (prepare_data.py writes
-    it into meta.json; a checkpoint of the folder carries it): where it is, its hash, and the token
-    that ends a document, config.json's eos_token_id or else tokenizer_config.json's eos_token
-    (None if neither names one). None without a tokenizer.json."""
-    path = os.path.join(folder, 'tokenizer.json')
-    if not os.path.isfile(path):
-        return None
-    eos = read_json(folder, 'config.json').get('eos_token_id')
-    eos = eos[0] if isinstance(eos, list) and eos else eos
-    name = read_json(folder, 'tokenizer_config.json').get('eos_token')
-    name = name.get('content') if isinstance(name, dict) else name
-    if eos is None and isinstance(name, str):
-        try:
-            from tokenizers import Tokenizer
-            eos = Tokenizer.from_file(path).token_to_id(name)
-        except ImportError:
-            pass  # a checkpoint loads without it; tokenizing says what to install
-        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot read
-            raise ValueError(f"{path} is not a tokenizer the tokenizers library reads: {e}") from None
-    if eos is not None and (type(eos) is not int or eos < 0):
-        raise ValueError(f"{folder}/config.json: eos_token_id={eos!r}, expected a token id")
-    return dict(tokenizer='hf', tokenizer_path=os.path.abspath(folder), tokenizer_sha256=file_sha256(path), eot_token=eos)
-
-
-def chat_prompt(folder, message):
-    """message as the one user turn of the folder's chat template (chat_template.jinja, or
-    tokenizer_config.json's chat_template), ending where the assistant's answer begins. Rendered in
-    jinja2's sandbox, so a stranger's template cannot run code (pip install jinja2), within
-    RENDER_SECONDS and RENDER_CHARS, so it cannot hang or fill the memory. Raises ValueError, one line
-    naming the template's file, for a folder without a template or a template that fails."""
-    config = read_json(folder, 'tokenizer_config.json')
-    template, source = config.get('chat_template'), os.path.join(folder, 'tokenizer_config.json')
-    path = os.path.join(folder, 'chat_template.jinja')
-    if os.path.isfile(path):
-        with open(path, encoding='utf-8', errors='replace') as f:
-            template, source = f.read(), path
-    if not isinstance(template, str):
-        raise ValueError(f"{folder} has no chat template (chat_template.jinja, or chat_template in tokenizer_config.json)")
-    try:
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise ValueError("a chat template needs the jinja2 package: pip install jinja2") from None
-    token = lambda name: (config.get(name) or {}).get('content', '') if isinstance(config.get(name), dict) else config.get(name) or ''
-
-    def raise_exception(text):  # what templates call on a conversation they do not take
-        raise TemplateError(text)
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=['jinja2.ext.loopcontrols'])
-    return rendered(environment, template, source, messages=[{'role': 'user', 'content': message}],
-                    add_generation_prompt=True, bos_token=token('bos_token'), eos_token=token('eos_token'),
-                    raise_exception=raise_exception)
-
-
-def rendered(environment, template, source, **context):
-    """The template's text, stopped past RENDER_CHARS, or past RENDER_SECONDS where a timer can
-    interrupt it (a signal: in the main thread). Raises ValueError, one line naming source, for a
-    template that fails (whatever its expressions raise: ZeroDivisionError, TypeError, ...) or is stopped."""
-    def too_long(signum, frame):
-        raise TimeoutError
-    timed = hasattr(signal, 'setitimer') and threading.current_thread() is threading.main_thread()
-    if timed:
-        previous = signal.signal(signal.SIGALRM, too_long)
-        signal.setitimer(signal.ITIMER_REAL, RENDER_SECONDS)
-    try:
-        text, size = [], 0
-        for piece in environment.from_string(template).generate(**context):
-            text.append(piece)
-            size += len(piece)
-            if size > RENDER_CHARS:
-                problem = f"wrote more than {RENDER_CHARS:,} characters: stopped"
-                break
-        else:
-            return ''.join(text)
-    except TimeoutError:
-        problem = f"ran for more than {RENDER_SECONDS} s: stopped"
-    except Exception as e:
-        problem = f"failed: {type(e).__name__}: {e}"
-    finally:
-        if timed:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
-    raise ValueError(f"{source}: the chat template {problem}")
-
-
-def read_json(folder, name):
-    """A JSON file of the folder as a dict; {} if the folder has none of that name. Raises ValueError,
-    one line naming the file, when it is not a JSON object."""
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding='utf-8') as f:
-            value = json.load(f)
-    except ValueError as e:  # not JSON, or not UTF-8
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
-    return value
-
-
-def file_sha256(path):
-    with open(path, 'rb') as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def pretrained_checkpoint(folder):
     """A Hugging Face folder as a checkpoint of ours: {'model', 'model_args', 'meta'}, float32 weights."""
     checkpoint = pretrained_args(folder)
@@ -319,6 +248,8 @@ def pretrained_checkpoint(folder):
 def pretrained_args(folder):
     """The same without its weights: {'model_args', 'meta', 'pretrained': folder} (sharded.py reads
     each rank's part of the weights itself), once the folder is checked (check_weights)."""
-    args = model_args(read_json(folder, 'config.json'), folder)
+    config = read_json(folder, 'config.json')
+    args = model_args(config, folder)
     check_weights(folder, args)
-    return dict(model_args=args, meta=tokenizer_meta(folder), pretrained=folder)
+    meta = exported_tokenizer(config, folder) or tokenizer_meta(folder)
+    return dict(model_args=args, meta=meta, pretrained=folder)

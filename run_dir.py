@@ -16,6 +16,7 @@ built, and tidied after a run that was killed.
   full disk never leaves half a ckpt.pt; sharded.py does the same for sharded checkpoints.
 """
 
+import contextlib
 import errno
 import json
 import os
@@ -47,8 +48,9 @@ def claim(out_dir, checkpoint_bytes):
         free = shutil.disk_usage(out_dir).free
         need = checkpoint_bytes * MARGIN[0] + MARGIN[1]
         if free < need:
-            raise ValueError(f"{out_dir} has {free / 2**20:,.0f} MiB free, and a checkpoint of this run needs about "
-                             f"{need / 2**20:,.0f} MiB (written beside the last one, then renamed): free some space or choose another --out_dir")
+            raise ValueError(f"{out_dir} has {free / 2**20:,.0f} MiB free, and a checkpoint of this run "
+                             f"needs about {need / 2**20:,.0f} MiB (written beside the last one, then "
+                             f"renamed): free some space or choose another --out_dir")
         return lock, made, note
     except (OSError, ValueError) as e:
         release(lock, made)  # (a lock another run holds was there before: never in made)
@@ -157,10 +159,8 @@ def trim_log(log_path, last_step):
             torn.append(number)
         elif row is not None and row['iter'] <= last_step:
             rows.append(line + '\n')
-    tmp = f"{log_path}.tmp{os.getpid()}"
-    with open(tmp, 'w') as f:
+    with atomic_file(log_path, 'w') as f:
         f.writelines(rows)
-    os.replace(tmp, log_path)
     if torn == [len(lines)]:
         return (f"{log_path}: dropped its last row, cut short while it was written (a kill or a full disk): "
                 f"{lines[-1][:60]!r}")
@@ -181,22 +181,32 @@ def _log_row(line):
     return {'iter': 0, **row}
 
 
-def save_checkpoint(checkpoint, path):
-    """torch.save to a temporary name, on disk, then renamed: an interrupted or failed save leaves the
-    old file whole and no temporary one. Raises OSError when the disk refuses (full, read-only, a size limit)."""
-    import torch  # on use: prepare_data.py holds its folders with this module, and needs no torch
+@contextlib.contextmanager
+def atomic_file(path, mode='wb'):
+    """open(path, mode), written aside (path.tmp<pid>), flushed to disk and renamed onto path when the
+    with-block completes: an interrupted or failed write leaves path as it was and no temporary file
+    (after a kill -9, remove_stale_temporaries tidies it). A disk that refuses is an OSError."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, 'wb') as f:
-            try:
-                torch.save(checkpoint, f)
-            except RuntimeError as e:  # torch's writer reports a failed write as its own error, the OSError behind it
-                if isinstance(e.__context__, OSError):
-                    raise e.__context__ from None
-                raise
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(checkpoint, path):
+    """torch.save, atomically (atomic_file). Raises OSError when the disk refuses (full, read-only, a
+    size limit)."""
+    import torch  # on use: prepare_data.py holds its folders with this module, and needs no torch
+    with atomic_file(path) as f:
+        try:
+            torch.save(checkpoint, f)
+        except RuntimeError as e:
+            # torch's writer reports a failed write as its own error, the OSError behind it
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise

@@ -21,40 +21,52 @@ from torch.nn import functional as F
 
 def log_pseudo_mass(gamma, rows, pseudo_len):
     """log S_i, the log of the pseudo-attention mass sum_{j=i+1}^{pseudo_len-1} exp(-j*gamma) of each
-    query row i, in closed form (README, The method). gamma (H,) >= 0, rows (Tq,) integer.
-    Returns (H, Tq), float32 (float64 if gamma is); -inf where a row has no pseudo columns."""
+    query row i, in closed form (README, The method). gamma (H,) >= 0, rows (Tq,) integer, or (B, Tq)
+    when each row of a batch has positions of its own (a left-padded batch). Returns (H, Tq), or
+    (B, H, Tq), float32 (float64 if gamma is); -inf where a row has no pseudo columns."""
     g = gamma.to(torch.promote_types(gamma.dtype, torch.float32))[:, None]
-    i = rows.to(g.dtype)[None, :]
+    i = rows.to(g.dtype).unsqueeze(-2)
     count = (pseudo_len - 1 - i).clamp(min=0)  # pseudo columns j with i < j < pseudo_len
     decaying = -(i + 1) * g + torch.log(-torch.expm1(-count * g)) - torch.log(-torch.expm1(-g))
     return torch.where(g > 0, decaying, torch.log(count))  # g = 0: every pseudo score is 0
 
 
 def repeat_kv(x, n_head):
-    """(B, H_kv, T, D) keys or values with each head repeated for the n_head // H_kv query heads it serves."""
+    """(B, H_kv, T, D) keys or values with each head repeated for the n_head // H_kv query heads it
+    serves."""
     return x if x.size(1) == n_head else x.repeat_interleave(n_head // x.size(1), dim=1)
 
 
-def attention_bias(alibi, window, Tq, T, dtype, device):
+def attention_bias(alibi, window, Tq, T, dtype, device, pad=None):
     """Additive bias for fused attention ops, (1, H or 1, Tq, T): the causal mask, the keys a sliding
     window has dropped (or no window: None), and ALiBi's bias (or none: alibi None). The queries are
-    the last Tq of T positions. The rows are padded to a multiple of 16 elements because the CUDA
-    memory-efficient kernel needs aligned bias rows."""
+    the last Tq of T positions. pad (B,): how many of each row's first keys are left padding, which
+    no row after them sees; the bias is then (B, H or 1, Tq, T). (ALiBi's distances are those of the
+    positions: padding shifts a row's queries and keys alike.) The rows are padded to a multiple of 16
+    elements because the CUDA memory-efficient kernel needs aligned bias rows."""
     i = torch.arange(T - Tq, T, device=device)[:, None]
     j = torch.arange(T, device=device)[None, :]
-    bias = torch.zeros(1, Tq, T, device=device) if alibi is None else -alibi.view(-1, 1, 1).float() * (i - j)
+    bias = torch.zeros(1, 1, Tq, T, device=device) if alibi is None else \
+        -alibi.view(1, -1, 1, 1).float() * (i - j)
     hidden = (j > i) if window is None else (j > i) | (j <= i - window)
-    return aligned(bias.masked_fill(hidden, -math.inf).to(dtype)[None])
+    if pad is not None:
+        # padding rows see earlier padding: a row of -inf alone would make NaNs
+        pad = pad.view(-1, 1, 1, 1)
+        hidden = hidden | ((j < pad) & (i >= pad))
+    return aligned(torch.where(hidden, -math.inf, bias).to(dtype))
 
 
-def ring_bias(alibi, position, size):
+def ring_bias(alibi, position, size, pad=None):
     """attention_bias for one query at `position` (a 0-d tensor) over a ring of `size` slots that
     holds position p in slot p % size (kv_cache.FixedKVCache), (1, H or 1, 1, size), float32: each
     slot holds the position `distance` back, where distance = (position - slot) mod size, and -inf
-    hides the slots whose position would be before 0 (not written yet)."""
+    hides the slots whose position would be before 0 (not written yet). pad (B,): each row's count of
+    left padding, hidden too; the bias is then (B, H or 1, 1, size)."""
     distance = (position - torch.arange(size, device=position.device)) % size
-    bias = torch.zeros(1, 1, size, device=position.device) if alibi is None else -alibi.view(-1, 1, 1).float() * distance
-    return aligned(bias.masked_fill(distance > position, -math.inf)[None])
+    bias = (torch.zeros(1, 1, 1, size, device=position.device) if alibi is None
+            else -alibi.view(1, -1, 1, 1).float() * distance)
+    oldest = position if pad is None else position - pad.view(-1, 1, 1, 1)
+    return aligned(torch.where(distance > oldest, -math.inf, bias))
 
 
 def aligned(bias):
@@ -86,9 +98,11 @@ def _fused_forward(kind, q, k, v, bias, causal, scale):
     (B, H, Tq); padded past Tq on some kernels) and what the matching backward needs."""
     aten = torch.ops.aten
     if kind == 'cpu':
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
         return out, lse, ()
-    if kind == 'cudnn':  # its log-sum-exp may have a trailing dimension of 1, which its backward wants back
+    # cuDNN's log-sum-exp may have a trailing dimension of 1, which its backward wants back
+    if kind == 'cudnn':
         out, lse, cu_q, cu_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, causal, False, scale=scale)
         return out, lse.view(lse.shape[:3]), (cu_q, cu_k, max_q, max_k, seed, offset, lse.dim())
@@ -97,7 +111,8 @@ def _fused_forward(kind, q, k, v, bias, causal, scale):
             q, k, v, 0.0, causal, scale=scale)
         return out, lse, (cu_q, cu_k, max_q, max_k, seed, offset)
     bias_b = None if bias is None else bias.expand(q.size(0), q.size(1), -1, -1)
-    out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(q, k, v, bias_b, True, 0.0, causal, scale=scale)
+    out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
+        q, k, v, bias_b, True, 0.0, causal, scale=scale)
     return out, lse, (bias_b, seed, offset)
 
 
@@ -109,8 +124,8 @@ def _fused_backward(kind, do, q, k, v, out, lse, bias, causal, scale, saved):
     if kind == 'cudnn':
         cu_q, cu_k, max_q, max_k, seed, offset, dims = saved
         return aten._scaled_dot_product_cudnn_attention_backward(
-            do, q, k, v, out, lse.unsqueeze(-1) if dims == 4 else lse, seed, offset, None, cu_q, cu_k, max_q, max_k, 0.0,
-            causal, scale=scale)
+            do, q, k, v, out, lse.unsqueeze(-1) if dims == 4 else lse, seed, offset, None, cu_q, cu_k,
+            max_q, max_k, 0.0, causal, scale=scale)
     if kind == 'flash':
         cu_q, cu_k, max_q, max_k, seed, offset = saved
         return aten._scaled_dot_product_flash_attention_backward(
@@ -135,7 +150,8 @@ def stablemask_fused(q, k, v, log_mass, bias, for_backward=False):
     Tq = q.size(-2)
     rows = lse if lse.size(-1) == Tq else lse[..., :Tq]  # some kernels pad it
     if not for_backward:  # generation: in place, a decode step's few operations counted
-        share = torch.sigmoid_(rows.sub_(log_mass)).unsqueeze(-1)  # rows: the kernel's own, not needed again
+        # rows: the kernel's own, not needed again
+        share = torch.sigmoid_(rows.sub_(log_mass)).unsqueeze(-1)
         return out.mul_(share if out.dtype == share.dtype else share.to(out.dtype)), None
     share = torch.sigmoid(rows - log_mass).unsqueeze(-1)  # of each row's mass, the real keys' share
     out = out * share.to(out.dtype)
@@ -152,7 +168,8 @@ class StableMaskSDPA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_mass, bias):
         D = q.size(-1)
-        out, (q, k, v, lse_sm, causal, kind, saved) = stablemask_fused(q, k, v, log_mass, bias, for_backward=True)
+        out, (q, k, v, lse_sm, causal, kind, saved) = stablemask_fused(
+            q, k, v, log_mass, bias, for_backward=True)
         ctx.save_for_backward(q, k, v, out, lse_sm, bias, log_mass)
         ctx.causal, ctx.kind, ctx.head_dim, ctx.saved = causal, kind, D, saved
         return out[..., :D]
@@ -162,54 +179,47 @@ class StableMaskSDPA(torch.autograd.Function):
         q, k, v, out, lse_sm, bias, log_mass = ctx.saved_tensors
         D = ctx.head_dim
         do = F.pad(do, (0, q.size(-1) - D)) if q.size(-1) != D else do.contiguous()
-        grads = _fused_backward(ctx.kind, do, q, k, v, out, lse_sm, bias, ctx.causal, 1 / math.sqrt(D), ctx.saved)
+        grads = _fused_backward(ctx.kind, do, q, k, v, out, lse_sm, bias, ctx.causal,
+                                1 / math.sqrt(D), ctx.saved)
         d_log_mass = None
         if ctx.needs_input_grad[3]:
             delta = (do.float() * out.float()).sum(-1)  # (B, H, Tq)
-            d_log_mass = -(torch.exp(log_mass - lse_sm[..., :q.size(-2)]) * delta).sum(0)
+            d_log_mass = -torch.exp(log_mass - lse_sm[..., :q.size(-2)]) * delta
+            # summed over the batch where every row's mass is the same, (H, Tq)
+            d_log_mass = d_log_mass.sum_to_size(log_mass.shape)
         return (*(g[..., :D] for g in grads), d_log_mass, None)
 
 
-def sdpa_attention(q, k, v, gamma, alibi=None, pseudo_len=None, window=None, offset=0.0, sink=None, shared=None):
-    """StableMask attention on PyTorch's fused kernels (model.stablemask_sdpa's arguments). Tq must be
-    T (training, prefill) or 1 (a decode step), on a CPU or a CUDA GPU. shared: a dict the layers of
-    one forward pass share, so that the pseudo mass, the same for all of them, is computed once.
-    Without a gradient to take (generation) no autograd.Function wraps the fused call."""
-    Tq, T = q.size(-2), k.size(-2)
-    k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))  # grouped-query attention: autograd sums dK, dV over each group
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the fused kernels read rows as contiguous
-    if window is not None and window >= T:
-        window = None  # it hides nothing
-    bias = shared.get('bias') if shared else None  # a fixed cache's mask over its ring (kv_cache.FixedKVCache)
-    if bias is not None and bias.dtype != q.dtype:  # converted once a pass, to rows still aligned
-        bias = shared['bias'] = aligned(bias.to(q.dtype))
-    elif bias is None and (alibi is not None or window is not None):
-        bias = attention_bias(alibi, window, Tq, T, q.dtype, q.device)
-    log_mass = virtual_logits(gamma, T, Tq, T if pseudo_len is None else pseudo_len, offset, sink, q.size(1), q.device, shared)
-    if log_mass is None:  # causal attention (or rows past the pseudo columns): no correction; PyTorch's dispatcher picks a kernel
+def sdpa_attention(q, k, v, virtual=None, bias=None):
+    """Causal attention plus, in every row, one virtual key of value 0 whose logit is virtual (H, Tq),
+    or (B, H, Tq) where rows have positions of their own (None: no such key), on PyTorch's fused
+    kernels. bias: an additive mask (1 or B, H or 1, Tq, T) that holds the causal mask (attention_bias,
+    ring_bias), or None for the causal mask alone. q is (B, H, Tq, D), the last Tq of k's T positions:
+    Tq = T (training, prefill) or 1 (a decode step), on a CPU or a CUDA GPU. Without a gradient to
+    take (generation), no autograd.Function wraps the fused call."""
+    Tq = q.size(-2)
+    # grouped-query attention: autograd sums dK, dV over each group
+    k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))
+    # the fused kernels read rows as contiguous
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if bias is not None and bias.dtype != q.dtype:
+        bias = aligned(bias.to(q.dtype))
+    if virtual is None:
+        # causal attention, or rows past the pseudo columns: no correction; PyTorch picks the kernel
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and Tq > 1)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or log_mass.requires_grad):
-        return StableMaskSDPA.apply(q, k, v, log_mass, bias)
-    out = stablemask_fused(q, k, v, log_mass, bias)[0]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or virtual.requires_grad):
+        return StableMaskSDPA.apply(q, k, v, virtual, bias)
+    out = stablemask_fused(q, k, v, virtual, bias)[0]
     return out if out.size(-1) == q.size(-1) else out[..., :q.size(-1)]
 
 
-def virtual_logits(gamma, T, Tq, pseudo_len, offset, sink, n_head, device, shared=None):
+def virtual_logits(log_mass, offset, sink, n_head, Tq, device):
     """(H, Tq): the logit of each row's one virtual key of value 0, which stands for all its extra
-    mass: StableMask's pseudo mass (shifted by offset) and a sink logit, either of them or both; None
-    where there is neither (causal attention). The rows are the last Tq of T; their pseudo mass is
-    kept in shared for the next layer of the pass, whose decays, rows and pseudo_len are the same (a
-    key of sizes would make torch.compile specialise on them). A KV cache may have put it there
-    already (kv_cache.py), as None where no row has pseudo columns left."""
-    mass = None
-    if gamma is not None:
-        if shared is not None and 'log pseudo mass' in shared:
-            mass = shared['log pseudo mass']
-        else:
-            mass = log_pseudo_mass(gamma, torch.arange(T - Tq, T, device=device), pseudo_len)
-            if shared is not None:
-                shared['log pseudo mass'] = mass
-    if mass is None and sink is None:
+    mass: StableMask's pseudo mass (log_mass, (H, Tq) or (B, H, Tq), shifted by offset) and a sink
+    logit (H,), either of them or both; None where there is neither (causal attention)."""
+    if log_mass is None and sink is None:
         return None
-    logits = torch.full((n_head, Tq), -math.inf, device=device) if mass is None else mass + offset if offset else mass
+    logits = torch.full((n_head, Tq), -math.inf, device=device) if log_mass is None else \
+        log_mass + offset if offset else log_mass
     return logits if sink is None else torch.logaddexp(logits, sink.float().view(-1, 1))

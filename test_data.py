@@ -19,8 +19,9 @@ import corpus
 import prepare_data
 from bench import peak_memory
 from conftest import REPO, run_script
-from corpus import CorpusError, held_out, random_starts, random_windows, read_windows, sections
-from prepare_data import PrepareError, prepare, read_dataset, tokenizer_from_meta
+from corpus import CorpusError, held_out, random_starts, random_windows, read_dataset, read_windows, sections
+from prepare_data import PrepareError, prepare
+from tokenizer import tokenizer_from_meta
 
 
 def error_line(result):
@@ -39,7 +40,8 @@ def pydoc_documents():
 def load_tokens(folder):
     with open(os.path.join(folder, 'meta.json')) as f:
         meta = json.load(f)
-    return meta, {s: np.fromfile(os.path.join(folder, f"{s}.bin"), dtype=meta['dtype']) for s in ('train', 'val')}
+    return meta, {s: np.fromfile(os.path.join(folder, f"{s}.bin"), dtype=meta['dtype'])
+                  for s in ('train', 'val')}
 
 
 def decode(meta, ids):
@@ -85,7 +87,8 @@ def generated_corpus(n_docs, seed=0):
     """Documents of English-like text of varied length (pydoc's, shuffled and numbered)."""
     rng = np.random.default_rng(seed)
     base = pydoc_documents()
-    return [f"{i}. {base[j][:int(rng.integers(200, 6000))]}" for i, j in enumerate(rng.integers(0, len(base), n_docs))]
+    return [f"{i}. {base[j][:int(rng.integers(200, 6000))]}"
+            for i, j in enumerate(rng.integers(0, len(base), n_docs))]
 
 # ---------------------------------------------------------------------------------------------------
 # tokens: exact, and the same for every tokenizer's hold-out and every number of processes
@@ -94,7 +97,8 @@ def generated_corpus(n_docs, seed=0):
 def test_offline_default_char(tmp_path):
     run_script('prepare_data.py', '--tokenizer=char', cwd=tmp_path)
     meta, ids = load_tokens(tmp_path / 'data' / 'pydoc_char')
-    assert meta['tokenizer'] == 'char' and meta['dtype'] == 'uint16' and meta['vocab_size'] == len(meta['chars'])
+    assert (meta['tokenizer'] == 'char' and meta['dtype'] == 'uint16'
+            and meta['vocab_size'] == len(meta['chars']))
     docs = pydoc_documents()
     assert meta['documents'] == len(docs)
     encode, _ = tokenizer_from_meta(meta)
@@ -109,7 +113,8 @@ def test_offline_default_gpt2(tmp_path, gpt2_offline):
     result = run_script('prepare_data.py', cwd=tmp_path)
     meta, ids = load_tokens(tmp_path / 'data' / 'pydoc')
     assert (meta['tokenizer'], meta['vocab_size'], meta['eot_token']) == ('gpt2', 50257, 50256)
-    assert {s: ids[s].tolist() for s in ids} == expected_splits(pydoc_documents(), enc.encode_ordinary, 50256)
+    assert ({s: ids[s].tolist() for s in ids}
+            == expected_splits(pydoc_documents(), enc.encode_ordinary, 50256))
     assert f"{meta['documents']:,} documents" in result.stdout and '% held out' in result.stdout
 
 
@@ -123,9 +128,11 @@ def test_the_same_text_is_held_out_for_every_tokenizer(tmp_path, gpt2_offline):
         assert texts['gpt2'][split].replace('<|endoftext|>', '\n') == texts['char'][split]
 
 
-ODD_TEXTS = ["no newline at all " * 300, "a\r\nb\r\n\r\n  c   d\t\te" * 200, "word\u00a0nbsp\u2003em  space\n" * 200,
-             "don't we'll it's 123 4567 89\n\n\n" * 200, "x" * 5000 + " tail", "   leading spaces and trailing   " * 100,
-             "emoji 😀😀 ünïcødé text — dashes… " * 200, "\n\n\n" + "tabs\t\t\tand\x0bvt\x0cff " * 150]
+ODD_TEXTS = ["no newline at all " * 300, "a\r\nb\r\n\r\n  c   d\t\te" * 200,
+             "word\u00a0nbsp\u2003em  space\n" * 200, "don't we'll it's 123 4567 89\n\n\n" * 200,
+             "x" * 5000 + " tail", "   leading spaces and trailing   " * 100,
+             "emoji 😀😀 ünïcødé text — dashes… " * 200,
+             "\n\n\n" + "tabs\t\t\tand\x0bvt\x0cff " * 150]
 
 
 def test_sections_cut_where_bpe_agrees(gpt2_offline, monkeypatch):
@@ -136,9 +143,11 @@ def test_sections_cut_where_bpe_agrees(gpt2_offline, monkeypatch):
     monkeypatch.setattr(corpus, 'SECTION_CHARS', 40)  # many cuts
     monkeypatch.setattr(corpus, 'WHOLE_CHARS', 100)
     for text in ['\n'.join(pydoc_documents())[:300_000], *ODD_TEXTS]:
-        pieces = [(text[i:i + 977], i + 977 >= len(text)) for i in range(0, len(text), 977)]  # read in odd pieces
+        # read in odd pieces
+        pieces = [(text[i:i + 977], i + 977 >= len(text)) for i in range(0, len(text), 977)]
         cut = list(sections(pieces))
-        assert ''.join(t for t, _ in cut) == text and [last for _, last in cut] == [False] * (len(cut) - 1) + [True]
+        assert (''.join(t for t, _ in cut) == text
+                and [last for _, last in cut] == [False] * (len(cut) - 1) + [True])
         assert len(cut) > 10 or 'x' * 5000 in text  # a run without spaces is never cut
         assert [t for s, _ in cut for t in enc.encode_ordinary(s)] == enc.encode_ordinary(text)
 
@@ -172,10 +181,11 @@ def test_every_format_gives_the_same_tokens(tmp_path, gpt2_offline):
     outputs = {}
     for fmt in ('txt', 'jsonl', 'jsonl.gz', 'jsonl.zst', 'parquet'):
         source = write_documents(tmp_path / fmt.replace('.', '_'), docs, fmt)
-        dest, meta = prepare('files', [str(source)], 'gpt2', f"ds_{fmt}", out_dir=str(tmp_path / 'data'), val_inputs=[str(val)],
-                             chunk_chars=20_000)
+        dest, meta = prepare('files', [str(source)], 'gpt2', f"ds_{fmt}", out_dir=str(tmp_path / 'data'),
+                             val_inputs=[str(val)], chunk_chars=20_000)
         assert meta['documents'] == len(docs) + 1 and meta['malformed'] == 0
-        outputs[fmt] = {s: (tmp_path / 'data' / f"ds_{fmt}" / f"{s}.bin").read_bytes() for s in ('train', 'val')}
+        outputs[fmt] = {s: (tmp_path / 'data' / f"ds_{fmt}" / f"{s}.bin").read_bytes()
+                        for s in ('train', 'val')}
     assert all(out == outputs['txt'] for out in outputs.values())
     train = np.frombuffer(outputs['jsonl']['train'], dtype=np.uint16).tolist()
     assert train == [t for doc in docs for t in enc.encode_ordinary(doc) + [50256]]
@@ -185,7 +195,8 @@ def test_text_key_and_folders_of_mixed_files(tmp_path):
     write_documents(tmp_path / 'mixed', ['first document\n' * 30], 'jsonl', key='content')
     (tmp_path / 'mixed' / 'notes.txt').write_text('a plain text file ' * 40)
     (tmp_path / 'mixed' / '.hidden').write_text('skipped')
-    dest, meta = prepare('files', [str(tmp_path / 'mixed')], 'char', 'mixed', out_dir=str(tmp_path / 'data'), text_key='content')
+    dest, meta = prepare('files', [str(tmp_path / 'mixed')], 'char', 'mixed',
+                         out_dir=str(tmp_path / 'data'), text_key='content')
     assert meta['documents'] == 2
     _, ids = load_tokens(dest)
     text = decode(meta, np.concatenate([ids['train'], ids['val']]))
@@ -198,14 +209,18 @@ def test_malformed_records_are_counted_then_refused(tmp_path):
     lines = good[:1000] + bad[:2] + good[1000:2000] + bad[2:] + good[2000:]
     path = tmp_path / 'in.jsonl'
     path.write_bytes(('\n'.join(lines) + '\n').encode() + b'{"text": "\xff\xfe not utf-8"}\n')
-    result = run_script('prepare_data.py', '--input', path, '--tokenizer=char', '--max_malformed=0.01', cwd=tmp_path)
+    result = run_script('prepare_data.py', '--input', path, '--tokenizer=char',
+                        '--max_malformed=0.01', cwd=tmp_path)
     assert '5 malformed records skipped (first: ' in result.stdout
-    assert "in.jsonl line 1001: not JSON; " in result.stdout and "in.jsonl line 1002: no 'text' string; " in result.stdout
+    assert ("in.jsonl line 1001: not JSON; " in result.stdout
+            and "in.jsonl line 1002: no 'text' string; " in result.stdout)
     meta, _ = load_tokens(tmp_path / 'data' / 'in_char')
     assert meta['documents'] == 3000 and meta['malformed'] == 5
-    result = run_script('prepare_data.py', '--input', path, '--tokenizer=char', '--name=strict', cwd=tmp_path, expect_ok=False)
+    result = run_script('prepare_data.py', '--input', path, '--tokenizer=char', '--name=strict',
+                        cwd=tmp_path, expect_ok=False)
     assert result.returncode == 1 and error_line(result)
-    assert '5 of 3,005 records are malformed, more than --max_malformed=0.001 allows (first: ' in result.stderr
+    assert ('5 of 3,005 records are malformed, more than --max_malformed=0.001 allows (first: '
+            in result.stderr)
     assert 'in.jsonl line 1001: not JSON' in result.stderr
     assert not (tmp_path / 'data' / 'strict').exists()
 
@@ -221,7 +236,8 @@ def test_a_truncated_compressed_file_is_an_error(tmp_path, fmt):
     lines = b''.join(json.dumps({'text': doc}).encode() + b'\n' for doc in docs)
     half = lines.index(b'\n', len(lines) // 2) + 1
     if fmt == 'jsonl.zst':  # two frames, as zstd's multi-threaded writer makes
-        whole = zstandard.ZstdCompressor().compress(lines[:half]) + zstandard.ZstdCompressor().compress(lines[half:])
+        whole = (zstandard.ZstdCompressor().compress(lines[:half])
+                 + zstandard.ZstdCompressor().compress(lines[half:]))
     else:
         whole = gzip.compress(lines)
     path = tmp_path / f'docs.{fmt}'
@@ -230,7 +246,8 @@ def test_a_truncated_compressed_file_is_an_error(tmp_path, fmt):
     assert meta['documents'] == len(docs) and meta['malformed'] == 0
     for cut in (len(whole) // 2, len(whole) - 5, 200):
         path.write_bytes(whole[:cut])
-        result = run_script('prepare_data.py', '--input', path, '--tokenizer=char', f'--name=cut{cut}', cwd=tmp_path, expect_ok=False)
+        result = run_script('prepare_data.py', '--input', path, '--tokenizer=char', f'--name=cut{cut}',
+                            cwd=tmp_path, expect_ok=False)
         assert result.returncode == 1 and f'{path}: truncated' in error_line(result)
         assert not (tmp_path / 'data' / f'cut{cut}').exists()
 
@@ -269,7 +286,8 @@ def test_optional_packages_are_named_when_missing(tmp_path, monkeypatch):
     for name, package in (('a.jsonl.zst', 'zstandard'), ('b.parquet', 'pyarrow.parquet')):
         with monkeypatch.context() as m:
             m.setitem(sys.modules, package, None)  # import fails as if it were not installed
-            with pytest.raises(PrepareError, match=f"needs the {package.split('.')[0]} package: pip install {package.split('.')[0]}"):
+            with pytest.raises(PrepareError, match=f"needs the {package.split('.')[0]} package: "
+                                                   f"pip install {package.split('.')[0]}"):
                 prepare('files', [str(tmp_path / name)], 'char', 'x', out_dir=str(tmp_path / 'data'))
     assert not (tmp_path / 'data' / 'x').exists()
 
@@ -286,8 +304,10 @@ def test_identical_bytes_for_any_number_of_processes(tmp_path):
     path = write_documents(tmp_path / 'in', generated_corpus(300), 'jsonl')
     files = []
     for workers in (1, 2, 3):
-        dest, _ = prepare('files', [str(path)], 'char', f"w{workers}", out_dir=str(tmp_path / 'data'), workers=workers, chunk_chars=30_000)
-        files.append([(tmp_path / 'data' / f"w{workers}" / f"{s}.bin").read_bytes() for s in ('train', 'val')])
+        dest, _ = prepare('files', [str(path)], 'char', f"w{workers}", out_dir=str(tmp_path / 'data'),
+                          workers=workers, chunk_chars=30_000)
+        files.append([(tmp_path / 'data' / f"w{workers}" / f"{s}.bin").read_bytes()
+                      for s in ('train', 'val')])
     assert files[0] == files[1] == files[2] and len(files[0][0]) > 100_000
 
 # ---------------------------------------------------------------------------------------------------
@@ -296,7 +316,8 @@ def test_identical_bytes_for_any_number_of_processes(tmp_path):
 
 def test_interrupted_run_continues_and_ends_with_the_same_bytes(tmp_path, monkeypatch):
     path = write_documents(tmp_path / 'in', generated_corpus(200), 'jsonl')
-    whole, _ = prepare('files', [str(path)], 'char', 'whole', out_dir=str(tmp_path / 'data'), chunk_chars=20_000, workers=2)
+    whole, _ = prepare('files', [str(path)], 'char', 'whole', out_dir=str(tmp_path / 'data'),
+                       chunk_chars=20_000, workers=2)
     written = []
     real = prepare_data.write_json
 
@@ -307,7 +328,8 @@ def test_interrupted_run_continues_and_ends_with_the_same_bytes(tmp_path, monkey
             raise KeyboardInterrupt
     monkeypatch.setattr(prepare_data, 'write_json', stop_after_three_chunks)
     with pytest.raises(KeyboardInterrupt):
-        prepare('files', [str(path)], 'char', 'part', out_dir=str(tmp_path / 'data'), chunk_chars=20_000, workers=2)
+        prepare('files', [str(path)], 'char', 'part', out_dir=str(tmp_path / 'data'),
+                chunk_chars=20_000, workers=2)
     monkeypatch.setattr(prepare_data, 'write_json', real)
     part = tmp_path / 'data' / 'part'
     assert sorted(p.name for p in part.iterdir()) == ['prepare.lock', 'progress.json', 'train.bin.part',
@@ -315,22 +337,27 @@ def test_interrupted_run_continues_and_ends_with_the_same_bytes(tmp_path, monkey
     assert json.loads((part / 'progress.json').read_text())['chunks'] == 3
     (part / 'train.bin.part').open('ab').write(b'half a chunk written when it stopped')
     calls = []
-    monkeypatch.setattr(prepare_data, 'encode_chunk', lambda chunk, real=prepare_data.encode_chunk: calls.append(1) or real(chunk))
-    prepare('files', [str(path)], 'char', 'part', out_dir=str(tmp_path / 'data'), chunk_chars=20_000, workers=1)
+    monkeypatch.setattr(prepare_data, 'encode_chunk',
+                        lambda chunk, real=prepare_data.encode_chunk: calls.append(1) or real(chunk))
+    prepare('files', [str(path)], 'char', 'part', out_dir=str(tmp_path / 'data'),
+            chunk_chars=20_000, workers=1)
     for split in ('train', 'val'):
-        assert (part / f"{split}.bin").read_bytes() == (tmp_path / 'data' / 'whole' / f"{split}.bin").read_bytes()
+        assert ((part / f"{split}.bin").read_bytes()
+                == (tmp_path / 'data' / 'whole' / f"{split}.bin").read_bytes())
     assert sorted(p.name for p in part.iterdir()) == ['meta.json', 'prepare.lock', 'train.bin', 'val.bin']
     assert (part / 'prepare.lock').read_text() == ''  # let go
     splits = {'all': prepare_data.from_files([str(path)], 'text')}
-    assert len(calls) == sum(1 for _ in prepare_data.chunks_of(splits, 0.1, 20_000, corpus.Tally())) - 3  # the first three kept
+    # the first three kept
+    assert len(calls) == sum(1 for _ in prepare_data.chunks_of(splits, 0.1, 20_000, corpus.Tally())) - 3
 
 
 def test_kill_9_then_the_same_command_continues(tmp_path):
     path = write_documents(tmp_path / 'in', generated_corpus(6000, seed=1), 'jsonl')
     command = ['prepare_data.py', '--input', path, '--tokenizer=char', '--chunk_chars=50000', '--workers=1']
     run_script(*command, '--name=whole', cwd=tmp_path)
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, command[0]), *map(str, command[1:]), '--name=killed'], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, command[0]), *map(str, command[1:]),
+                             '--name=killed'],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = tmp_path / 'data' / 'killed' / 'progress.json'
     deadline = time.time() + 120
     while not (progress.exists() and json.loads(progress.read_text())['chunks'] >= 3):
@@ -343,7 +370,8 @@ def test_kill_9_then_the_same_command_continues(tmp_path):
     assert f'data/killed: taking over from a run that ended without letting go of it (pid {proc.pid} on ' \
         in result.stdout
     for name in ('train.bin', 'val.bin', 'meta.json'):
-        assert (tmp_path / 'data' / 'killed' / name).read_bytes() == (tmp_path / 'data' / 'whole' / name).read_bytes()
+        assert ((tmp_path / 'data' / 'killed' / name).read_bytes()
+                == (tmp_path / 'data' / 'whole' / name).read_bytes())
     assert not progress.exists()
 
 
@@ -351,19 +379,25 @@ def test_changed_inputs_start_over(tmp_path, monkeypatch):
     path = write_documents(tmp_path / 'in', generated_corpus(100), 'jsonl')
     monkeypatch.setattr(prepare_data, 'write_json', lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        prepare('files', [str(path)], 'char', 'ds', out_dir=str(tmp_path / 'data'), chunk_chars=10_000, workers=1)
+        prepare('files', [str(path)], 'char', 'ds', out_dir=str(tmp_path / 'data'),
+                chunk_chars=10_000, workers=1)
     monkeypatch.undo()
-    write_documents(tmp_path / 'in', generated_corpus(100, seed=5), 'jsonl')  # other text: the old chunks do not belong
-    dest, meta = prepare('files', [str(path)], 'char', 'ds', out_dir=str(tmp_path / 'data'), chunk_chars=10_000, workers=1)
-    fresh, _ = prepare('files', [str(path)], 'char', 'fresh', out_dir=str(tmp_path / 'data'), chunk_chars=10_000, workers=1)
-    assert (tmp_path / 'data' / 'ds' / 'train.bin').read_bytes() == (tmp_path / 'data' / 'fresh' / 'train.bin').read_bytes()
+    # other text: the old chunks do not belong
+    write_documents(tmp_path / 'in', generated_corpus(100, seed=5), 'jsonl')
+    dest, meta = prepare('files', [str(path)], 'char', 'ds', out_dir=str(tmp_path / 'data'),
+                         chunk_chars=10_000, workers=1)
+    fresh, _ = prepare('files', [str(path)], 'char', 'fresh', out_dir=str(tmp_path / 'data'),
+                       chunk_chars=10_000, workers=1)
+    assert ((tmp_path / 'data' / 'ds' / 'train.bin').read_bytes()
+            == (tmp_path / 'data' / 'fresh' / 'train.bin').read_bytes())
 
 
 def test_interrupted_prepare_keeps_the_old_dataset(tmp_path, monkeypatch):
     (tmp_path / 'a.txt').write_text('old text, ' * 100)
     (tmp_path / 'b.txt').write_text('new words; ' * 300)
     (tmp_path / 'c.txt').write_text('the validation text ' * 30)
-    dest, _ = prepare('files', [str(tmp_path / 'a.txt')], 'char', 'ds', out_dir=str(tmp_path / 'data'), val_inputs=[str(tmp_path / 'c.txt')])
+    dest, _ = prepare('files', [str(tmp_path / 'a.txt')], 'char', 'ds', out_dir=str(tmp_path / 'data'),
+                      val_inputs=[str(tmp_path / 'c.txt')])
     before = {p.name: p.read_bytes() for p in (tmp_path / 'data' / 'ds').iterdir()}
 
     def interrupt(*args, **kwargs):
@@ -371,18 +405,22 @@ def test_interrupted_prepare_keeps_the_old_dataset(tmp_path, monkeypatch):
     with monkeypatch.context() as m:  # while tokenizing: the old dataset is untouched
         m.setattr(prepare_data, 'encode_chunk', interrupt)
         with pytest.raises(KeyboardInterrupt):
-            prepare('files', [str(tmp_path / 'b.txt')], 'char', 'ds', out_dir=str(tmp_path / 'data'), workers=1,
-                    val_inputs=[str(tmp_path / 'c.txt')])
-    assert {p.name: p.read_bytes() for p in (tmp_path / 'data' / 'ds').iterdir() if p.name in before} == before
+            prepare('files', [str(tmp_path / 'b.txt')], 'char', 'ds', out_dir=str(tmp_path / 'data'),
+                    workers=1, val_inputs=[str(tmp_path / 'c.txt')])
+    assert ({p.name: p.read_bytes() for p in (tmp_path / 'data' / 'ds').iterdir() if p.name in before}
+            == before)
     with monkeypatch.context() as m:  # while writing meta.json, the last file
         real = prepare_data.write_json
-        m.setattr(prepare_data, 'write_json', lambda path, value: interrupt() if path.endswith('meta.json') else real(path, value))
+        m.setattr(prepare_data, 'write_json',
+                  lambda path, value: interrupt() if path.endswith('meta.json') else real(path, value))
         with pytest.raises(KeyboardInterrupt):
-            prepare('files', [str(tmp_path / 'b.txt')], 'char', 'ds', out_dir=str(tmp_path / 'data'), val_inputs=[str(tmp_path / 'c.txt')])
+            prepare('files', [str(tmp_path / 'b.txt')], 'char', 'ds', out_dir=str(tmp_path / 'data'),
+                    val_inputs=[str(tmp_path / 'c.txt')])
     assert not [p for p in (tmp_path / 'data' / 'ds').iterdir() if '.tmp' in p.name]
     assert (tmp_path / 'data' / 'ds' / 'meta.json').read_bytes() == before['meta.json']
     # the .bin files were replaced whole but meta.json was not: train.py sees the mismatch and says so
-    result = run_script('train.py', '--dataset=data/ds', '--block_size=8', '--max_iters=1', cwd=tmp_path, expect_ok=False)
+    result = run_script('train.py', '--dataset=data/ds', '--block_size=8', '--max_iters=1',
+                        cwd=tmp_path, expect_ok=False)
     assert result.returncode == 1 and 'rerun prepare_data.py' in result.stderr
 
 
@@ -393,7 +431,8 @@ def test_one_run_at_a_time_in_a_folder(tmp_path, gpt2_offline):
     path = write_documents(tmp_path / 'in', generated_corpus(6000, seed=3), 'jsonl')
     common = ['--input', str(path), '--name=same', '--chunk_chars=50000', '--workers=1']
     command = [sys.executable, os.path.join(REPO, 'prepare_data.py'), *common, '--tokenizer=char']
-    first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     progress = tmp_path / 'data' / 'same' / 'progress.json'
     deadline = time.time() + 120
     while not progress.exists():
@@ -450,7 +489,7 @@ def test_the_largest_token_id_is_recorded_and_checked(tmp_path):
                             (dict(train_tokens=1.5), 'train_tokens is 1.5, not a whole number'),
                             (dict(dtype='int8'), "dtype is 'int8', not uint16 or uint32")):
         path.write_text(json.dumps({**meta, **change}))
-        with pytest.raises(PrepareError) as e:
+        with pytest.raises(CorpusError) as e:
             read_dataset(dest)
         line = str(e.value)
         assert line.startswith(f'{dest}/meta.json: {message}') and '\n' not in line, line
@@ -482,12 +521,14 @@ def test_memory_stays_flat_as_the_input_doubles(tmp_path):
     write_documents(tmp_path / 'large', docs * 2, 'jsonl')
     peaks = {}
     for name in ('small', 'large'):
-        command = [sys.executable, os.path.join(REPO, 'prepare_data.py'), '--input', str(tmp_path / name / 'docs.jsonl'),
-                   '--tokenizer=char', '--chunk_chars=100000', '--workers=2', f'--name={name}']
+        command = [sys.executable, os.path.join(REPO, 'prepare_data.py'), '--input',
+                   str(tmp_path / name / 'docs.jsonl'), '--tokenizer=char', '--chunk_chars=100000',
+                   '--workers=2', f'--name={name}']
         peaks[name] = peak_memory(command, tmp_path)[1]
     size = (tmp_path / 'small' / 'docs.jsonl').stat().st_size / 2 ** 20
     assert size > 15
-    assert peaks['large'] - peaks['small'] < size / 3, (peaks, size)  # reading it all would add the size, tokens more
+    # reading it all would add the size, tokens more
+    assert peaks['large'] - peaks['small'] < size / 3, (peaks, size)
 
 
 def test_token_files_past_2_to_the_32(tmp_path):
@@ -501,7 +542,8 @@ def test_token_files_past_2_to_the_32(tmp_path):
         f.seek(start * 4)
         f.write(np.arange(70_000, 70_100, dtype=np.uint32).tobytes())
     x, y = read_windows(str(path), 'uint32', n, [start, 5, n - 9], 8)
-    assert x.dtype == np.int64 and x[0].tolist() == list(range(70_000, 70_008)) and y[0].tolist() == list(range(70_001, 70_009))
+    assert (x.dtype == np.int64 and x[0].tolist() == list(range(70_000, 70_008))
+            and y[0].tolist() == list(range(70_001, 70_009)))
     assert x[1:].tolist() == [[0] * 8, [0] * 8]
     starts = random_starts(2 ** 34, 8, 4096, torch.Generator().manual_seed(0))
     assert sum(s > 2 ** 32 for s in starts) > 2000 and min(starts) >= 0 and max(starts) <= 2 ** 34 - 9
@@ -516,12 +558,15 @@ def test_shakespeare_both_tokenizers(tmp_path, shakespeare_txt, gpt2_offline):
     import tiktoken
     text = open(shakespeare_txt, encoding='utf-8').read()
     for tokenizer, name in (('gpt2', 'shakespeare'), ('char', 'shakespeare_char')):
-        run_script('prepare_data.py', 'shakespeare', '--input', shakespeare_txt, f'--tokenizer={tokenizer}', cwd=tmp_path)
+        run_script('prepare_data.py', 'shakespeare', '--input', shakespeare_txt,
+                   f'--tokenizer={tokenizer}', cwd=tmp_path)
         meta, ids = load_tokens(tmp_path / 'data' / name)
-        encode = tiktoken.get_encoding('r50k_base').encode_ordinary if tokenizer == 'gpt2' else tokenizer_from_meta(meta)[0]
+        encode = (tiktoken.get_encoding('r50k_base').encode_ordinary if tokenizer == 'gpt2'
+                  else tokenizer_from_meta(meta)[0])
         end = 50256 if tokenizer == 'gpt2' else meta['chars'].index('\n')
         assert {s: ids[s].tolist() for s in ids} == expected_splits([text], encode, end)
-        assert 0.03 < len(ids['val']) / (len(ids['train']) + len(ids['val'])) < 0.2  # one document of 40 sections
+        # one document of 40 sections
+        assert 0.03 < len(ids['val']) / (len(ids['train']) + len(ids['val'])) < 0.2
 
 
 def test_folder_input(tmp_path):
@@ -531,20 +576,23 @@ def test_folder_input(tmp_path):
     (corpus_dir / 'a.txt').write_text('first file\n' * 20)
     (corpus_dir / 'sub' / 'c.md').write_text('nested ünïcode\n' * 20)
     (corpus_dir / '.hidden').write_text('skipped')
-    result = run_script('prepare_data.py', '--input', corpus_dir, '--tokenizer=char', '--val_input', corpus_dir / 'a.txt', cwd=tmp_path)
+    result = run_script('prepare_data.py', '--input', corpus_dir, '--tokenizer=char', '--val_input',
+                        corpus_dir / 'a.txt', cwd=tmp_path)
     assert 'data/notes_char' in result.stdout
     meta, ids = load_tokens(tmp_path / 'data' / 'notes_char')
-    assert decode(meta, ids['train']) == ''.join(['first file\n' * 20 + '\n', 'second file\n' * 20 + '\n', 'nested ünïcode\n' * 20 + '\n'])
+    assert decode(meta, ids['train']) == ''.join(['first file\n' * 20 + '\n', 'second file\n' * 20 + '\n',
+                                                  'nested ünïcode\n' * 20 + '\n'])
     # named like the text folder it came from: --dataset=notes means data/notes, not ./notes
     run_script('prepare_data.py', '--input', corpus_dir, '--tokenizer=char', '--name=notes', cwd=tmp_path)
-    run_script('train.py', '--dataset=notes', '--block_size=16', '--batch_size=4', '--n_layer=1', '--max_iters=1', '--eval_iters=1',
-               '--out_dir=out-notes', '--device=cpu', cwd=tmp_path)
+    run_script('train.py', '--dataset=notes', '--block_size=16', '--batch_size=4', '--n_layer=1',
+               '--max_iters=1', '--eval_iters=1', '--out_dir=out-notes', '--device=cpu', cwd=tmp_path)
 
 
 def test_wikitext103_from_a_local_copy(tmp_path):
     """The paper's dataset keeps its own train and validation splits, from the zip or its folder."""
     import zipfile
-    texts = {'train': ' = Valkyria = \n The game began in 2010 .\n' * 40, 'valid': ' = Tower = \n It stands .\n' * 10}
+    texts = {'train': ' = Valkyria = \n The game began in 2010 .\n' * 40,
+             'valid': ' = Tower = \n It stands .\n' * 10}
     archive = tmp_path / 'wikitext-103-raw-v1.zip'
     with zipfile.ZipFile(archive, 'w') as z:
         for split, text in texts.items():
@@ -571,14 +619,16 @@ def test_minipile_and_pile_from_local_copies(tmp_path):
     write_documents(copy / 'train', generated_corpus(40), 'parquet')
     write_documents(copy / 'validation', ['validation text. ' * 30] * 3, 'parquet')
     write_documents(copy / 'test', ['QQQ test split, never read ' * 30], 'parquet')
-    dest, meta = prepare('minipile', [str(tmp_path / 'minipile')], 'char', None, out_dir=str(tmp_path / 'data'))
+    dest, meta = prepare('minipile', [str(tmp_path / 'minipile')], 'char', None,
+                         out_dir=str(tmp_path / 'data'))
     assert dest.endswith('minipile_char') and meta['documents'] == 43
     _, ids = load_tokens(dest)
     assert decode(meta, ids['val']) == ('validation text. ' * 30 + '\n') * 3
     assert 'QQQ' not in decode(meta, ids['train'])
     pile = write_documents(tmp_path / 'pile' / 'train', generated_corpus(40), 'jsonl.zst')
     val = write_documents(tmp_path / 'pile' / 'val', ['pile validation. ' * 30], 'jsonl.zst')
-    result = run_script('prepare_data.py', 'pile', '--input', pile, '--val_input', val, '--tokenizer=char', cwd=tmp_path)
+    result = run_script('prepare_data.py', 'pile', '--input', pile, '--val_input', val,
+                        '--tokenizer=char', cwd=tmp_path)
     meta, ids = load_tokens(tmp_path / 'data' / 'pile_char')
     assert decode(meta, ids['val']) == 'pile validation. ' * 30 + '\n' and '41 documents' in result.stdout
 
@@ -586,7 +636,8 @@ def test_minipile_and_pile_from_local_copies(tmp_path):
 @pytest.mark.parametrize('args,message', [
     (['--input', 'missing.txt'], 'missing.txt: no such file'),
     (['--input', 'empty.txt'], 'too little text'),
-    (['--input', 'short.txt'], 'split has 0 tokens (the text made 1 section, of which --val_fraction=0.1 are held out'),
+    (['--input', 'short.txt'],
+     'split has 0 tokens (the text made 1 section, of which --val_fraction=0.1 are held out'),
     (['--input', 'binary.txt'], 'not UTF-8'),
     (['nosuchsource'], 'unknown source'),
     (['--tokenizer=bpe'], 'unknown tokenizer'),
@@ -602,14 +653,16 @@ def test_prepare_bad_input(tmp_path, args, message):
     (tmp_path / 'binary.txt').write_bytes(bytes(range(128, 256)))
     (tmp_path / 'bad.parquet').write_bytes(b'not parquet at all')
     (tmp_path / 'nokey.jsonl').write_text('{"text": "a"}\n' * 5)
-    tokenizer = [] if any(a.startswith('--tokenizer') for a in args) else ['--tokenizer=char']  # no GPT-2 vocabulary needed
+    # no GPT-2 vocabulary needed
+    tokenizer = [] if any(a.startswith('--tokenizer') for a in args) else ['--tokenizer=char']
     result = run_script('prepare_data.py', *args, *tokenizer, cwd=tmp_path, expect_ok=False)
     assert result.returncode != 0 and message in error_line(result)
     assert not (tmp_path / 'data').exists() or not any((tmp_path / 'data').rglob('*'))
 
 
 def test_download_without_network(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare_data, 'SHAKESPEARE_URL', 'http://127.0.0.1:9/input.txt')  # nothing listens there
+    # nothing listens there
+    monkeypatch.setattr(prepare_data, 'SHAKESPEARE_URL', 'http://127.0.0.1:9/input.txt')
     monkeypatch.setattr(prepare_data, 'MINIPILE_LIST_URL', 'http://127.0.0.1:9/parquet')
     for source in ('shakespeare', 'minipile'):
         with pytest.raises(PrepareError, match='give a local copy with --input'):

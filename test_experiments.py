@@ -138,6 +138,22 @@ def test_extrapolation(tmp_path):
                                      ('rope, StableMask', 'rope, gated attention', 'alibi, StableMask')]
 
 
+@pytest.mark.slow
+def test_quickstart(tmp_path):
+    """The README's quickstart as a user runs it, each mask on paired seeds: train.py, then eval.py's
+    perplexity at three strides; every cell a mean ± SD, the last row StableMask's paired difference."""
+    run_script('experiments.py', 'quickstart', *QUICK, cwd=tmp_path)
+    record = results_of(tmp_path, 'quickstart')
+    header, rows = record['tables'][0]['header'], record['tables'][0]['rows']
+    assert header[1:] == ['loss, stride 128', 'loss, stride 64', 'loss, stride 16',
+                          'bits per byte, stride 16']
+    assert [r[0] for r in rows] == ['causal', 'stablemask', 'StableMask - causal']
+    for row in rows[:2]:
+        assert all(0 < float(cell.split(' ± ')[0]) < 10 for cell in row[1:])
+    assert all(cell.endswith(('ahead', 'behind', 'level within noise')) for cell in rows[2][1:])
+    assert len(record['values']['causal, loss, stride 16']) == 2
+
+
 def test_lm(tmp_path, shakespeare_txt):
     for positions in ('rope', 'alibi'):
         run_script('experiments.py', 'lm', *QUICK, f'--positions={positions}',
@@ -230,8 +246,10 @@ def test_readme_tables_are_the_results_tables(monkeypatch):
     assert experiments.refreshed_readme(readme) == readme, 'a README table differs from its results file: ' \
         'run python experiments.py readme'
     marked = {(name, int(k or 1)) for name, k in experiments.MARKER.findall(readme)}
-    names = r'verdict|position|sinks|sinks_pretrained|extrapolation|lm_[\w.-]+_(rope|alibi)'
-    assert all(re.fullmatch(names, name) for name, _ in marked), 'a marker names no results experiments.py writes'
+    names = (r'verdict|position|sinks|sinks_pretrained|extrapolation|quickstart'
+             r'|lm_[\w.-]+_(rope|alibi)')
+    assert all(re.fullmatch(names, name) for name, _ in marked), \
+        'a marker names no results experiments.py writes'
     for path in glob.glob(os.path.join(REPO, 'results', '*.md')):
         name = os.path.basename(path)[:-3]
         with open(path) as f:

@@ -165,8 +165,8 @@ def test_trim_log_drops_a_torn_row_and_says_so(tmp_path):
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:3]
     path.write_text(whole + '{"iter": 20, "loss": 1.')
     note = run_dir.trim_log(str(path), 15)
-    assert note == f'{path}: dropped its last row, cut short while it was written (a kill or a full disk): ' \
-                   f'\'{{"iter": 20, "loss": 1.\''
+    assert note == f'{path}: dropped its last row, cut short while it was written ' \
+                   f'(a kill or a full disk): \'{{"iter": 20, "loss": 1.\''
     assert path.read_text() == whole
     path.write_text(whole[:-1])  # a last row whole but for its newline is kept
     assert run_dir.trim_log(str(path), 15) is None and path.read_text() == whole
@@ -204,19 +204,19 @@ def test_a_chat_template_that_fails_or_never_ends(hf_folder, tmp_path, monkeypat
     """chat_prompt renders within a time limit (a timer in the main thread) and a size limit; what a
     template raises is a ValueError naming its file; the timer's signal handler is put back."""
     pytest.importorskip('jinja2')
-    import pretrained
+    import tokenizer
     folder = tmp_path / 'chat'
     shutil.copytree(hf_folder, folder)
     (folder / 'chat_template.jinja').write_text(template)
-    monkeypatch.setattr(pretrained, 'RENDER_SECONDS', 1)
+    monkeypatch.setattr(tokenizer, 'RENDER_SECONDS', 1)
     before = signal.getsignal(signal.SIGALRM)
     with pytest.raises(ValueError) as e:
-        pretrained.chat_prompt(str(folder), 'hello')
+        tokenizer.chat_prompt(str(folder), 'hello')
     assert str(e.value) == f'{folder}/chat_template.jinja: {message}'
     assert signal.getsignal(signal.SIGALRM) == before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
     template = '{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>'
     (folder / 'chat_template.jinja').write_text(template)
-    assert pretrained.chat_prompt(str(folder), 'hello') == '<user>hello<assistant>'
+    assert tokenizer.chat_prompt(str(folder), 'hello') == '<user>hello<assistant>'
 
 
 @pytest.mark.parametrize('template,message', [

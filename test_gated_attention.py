@@ -4,8 +4,9 @@ every attention path, its gradients, its documented start, and the model around 
 import pytest
 import torch
 
-from model import (GPT, CausalSelfAttention, FixedKVCache, GPTConfig, KVCache, model_from_checkpoint,
-                   rope_cos_sin, stablemask_reference)
+from checkpoint import model_from_checkpoint
+from model import (GPT, CausalSelfAttention, FixedKVCache, GPTConfig, KVCache, Pass, rope_cos_sin,
+                   stablemask_reference)
 from test_model import every_path_agrees, tiny
 
 # masks, position encodings and sinks the gate is combined with in the layer tests
@@ -21,7 +22,7 @@ def relative_error(a, b):
 def gated_layer(impl, seed=0, **variant):
     """A gated attention layer (n_embd 64, 4 heads of 16) whose parameters are all random and far
     from their start (the gate's weights included: zeros would hide a gate read from the wrong x)."""
-    layer = CausalSelfAttention(tiny(attn_gate='elementwise', attn_impl=impl, **variant))
+    layer = CausalSelfAttention(tiny(attn_gate='elementwise', attn_impl=impl, **variant), 0)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in layer.parameters():
@@ -61,7 +62,7 @@ def test_gated_layer_equals_its_formula_in_float64(poisoned, impl, variant):
     x, dy = (torch.randn(2, 37, 64, generator=g) for _ in range(2))
     rope = rope_cos_sin(torch.arange(37), 16, 10000.0) if variant['pos_enc'] == 'rope' else None
     x = x.requires_grad_()
-    out = layer(x, rope, shared={})
+    out = layer(x, Pass(rope=rope))
     grads = torch.autograd.grad(out, [x, *layer.parameters()], dy)
     x64 = x.detach().double().requires_grad_()
     params = {n: p.detach().double().requires_grad_() for n, p in layer.named_parameters()}
@@ -79,9 +80,9 @@ def test_a_gate_at_its_start_halves_the_ungated_layer_exactly(impl):
     sigmoid(0) = 0.5 and the layer's output is exactly half its ungated twin's; the twin, built from
     the same seed, has every common parameter's initial value (the gate draws nothing)."""
     torch.manual_seed(0)
-    gated = CausalSelfAttention(tiny(attn_gate='elementwise', attn_impl=impl))
+    gated = CausalSelfAttention(tiny(attn_gate='elementwise', attn_impl=impl), 0)
     torch.manual_seed(0)
-    plain = CausalSelfAttention(tiny(attn_impl=impl))
+    plain = CausalSelfAttention(tiny(attn_impl=impl), 0)
     common = dict(plain.named_parameters())
     assert set(dict(gated.named_parameters())) - set(common) == {'gate_weight'}
     assert all(torch.equal(p, common[n]) for n, p in gated.named_parameters() if n in common)
@@ -89,7 +90,7 @@ def test_a_gate_at_its_start_halves_the_ungated_layer_exactly(impl):
     x = torch.randn(2, 37, 64, generator=torch.Generator().manual_seed(1))
     rope = rope_cos_sin(torch.arange(37), 16, 10000.0)
     with torch.no_grad():
-        assert torch.equal(gated(x, rope, shared={}), 0.5 * plain(x, rope, shared={}))
+        assert torch.equal(gated(x, Pass(rope=rope)), 0.5 * plain(x, Pass(rope=rope)))
 
 
 def test_a_bias_only_gate_scales_each_channel_by_a_constant():
@@ -97,17 +98,17 @@ def test_a_bias_only_gate_scales_each_channel_by_a_constant():
     sigmoid(b) per head and channel, whatever the input: the ungated layer with c_proj's columns
     scaled by it (what Qiu et al. find weaker than a gate read from x)."""
     torch.manual_seed(0)
-    gated = CausalSelfAttention(tiny(attn_gate='elementwise', bias=True, attn_impl='sdpa'))
+    gated = CausalSelfAttention(tiny(attn_gate='elementwise', bias=True, attn_impl='sdpa'), 0)
     assert not gated.gate_bias.any()
     b = torch.randn(64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         gated.gate_bias.copy_(b)
-    twin = CausalSelfAttention(tiny(bias=True, attn_impl='sdpa'))
+    twin = CausalSelfAttention(tiny(bias=True, attn_impl='sdpa'), 0)
     twin.load_state_dict({n: t for n, t in gated.state_dict().items() if not n.startswith('gate_')})
     with torch.no_grad():
         twin.c_proj.weight.mul_(torch.sigmoid(b))
         x = torch.randn(2, 37, 64, generator=torch.Generator().manual_seed(1))
-        torch.testing.assert_close(gated(x, shared={}), twin(x, shared={}), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gated(x, Pass()), twin(x, Pass()), rtol=1e-5, atol=1e-6)
 
 
 def random_gates(model, seed=0):

@@ -4,8 +4,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from model import (GPT, PRESETS, FixedKVCache, GPTConfig, KVCache, RMSNorm, alibi_slopes, apply_rope, model_from_checkpoint, peak_flops_of,
-                   rope_cos_sin, sample_next, stablemask_reference, stablemask_sdpa, swiglu_hidden)
+from checkpoint import model_from_checkpoint
+from configurator import peak_flops_of
+from model import (GPT, PRESETS, FixedKVCache, GPTConfig, KVCache, RMSNorm, alibi_slopes, apply_rope,
+                   left_padded, rope_cos_sin, sample_next, stablemask_reference, stablemask_sdpa,
+                   swiglu_hidden)
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 
@@ -110,10 +113,14 @@ def every_path_agrees(model, idx):
     return results
 
 
-@pytest.mark.parametrize('pos_enc', ['rope', 'alibi', 'learned', 'none'])
-@pytest.mark.parametrize('attn_mask,sm_gamma', [('stablemask', None), ('stablemask', 0.0), ('causal', None)])
+@pytest.mark.parametrize('pos_enc,attn_mask,sm_gamma', [
+    ('rope', 'stablemask', None), ('alibi', 'stablemask', 0.0), ('learned', 'causal', None),
+    ('none', 'stablemask', None)])
 def test_attention_paths_agree_in_the_model(pos_enc, attn_mask, sm_gamma):
-    """The same tiny GPT gives the same logits and gradients with each attention implementation."""
+    """The same tiny GPT gives the same logits and parameter gradients with each attention
+    implementation: what the kernel tests (test_kernel.py, every mask and decay against float64) leave
+    to the model is the layout of q, k, v as views of one projection, the rotary tables and the
+    dispatch, so each position encoding and each kind of mask is here once."""
     torch.manual_seed(0)
     model = GPT(tiny(pos_enc=pos_enc, attn_mask=attn_mask, sm_gamma=sm_gamma)).to(DEVICE)
     every_path_agrees(model, torch.randint(0, 97, (2, 37), device=DEVICE))
@@ -128,7 +135,8 @@ def test_stablemask_changes_the_model_and_adds_no_parameters():
     a, _ = causal(idx, targets=idx)
     b, _ = stable(idx, targets=idx)
     assert not torch.allclose(a, b)
-    torch.testing.assert_close(a[:, -1], b[:, -1])  # in one layer the last row has no pseudo mass: plain causal
+    # in one layer the last row has no pseudo mass: plain causal attention
+    torch.testing.assert_close(a[:, -1], b[:, -1])
 
 
 def test_inference_returns_only_the_last_position():
@@ -159,7 +167,8 @@ def full_logits(model, idx):
 
 
 def cache_and_impl(impl):
-    """'fixed': the fixed-shape cache (it reads its ring through the sdpa path's bias); else the growing one."""
+    """'fixed': the fixed-shape cache (it reads its ring through the sdpa path's bias); else the
+    growing one."""
     return (FixedKVCache, 'sdpa') if impl == 'fixed' else (KVCache, impl)
 
 
@@ -206,7 +215,8 @@ def test_generate_same_greedy_tokens_with_and_without_cache(pos_enc, sinks, slid
     model = GPT(tiny(pos_enc=pos_enc, block_size=24, attn_impl='sdpa', **sinks)).eval()
     for prompt in (5, 60):  # a prompt shorter, and one longer, than the window (twice block_size)
         idx = torch.randint(0, 97, (2, prompt))
-        uncached = model.generate(idx, 70, temperature=0, use_cache=False, sliding_window=sliding_window)  # well past block_size
+        # well past block_size
+        uncached = model.generate(idx, 70, temperature=0, use_cache=False, sliding_window=sliding_window)
         for cache in (True, 'fixed'):
             cached = model.generate(idx, 70, temperature=0, use_cache=cache, sliding_window=sliding_window)
             assert cached.shape == (2, prompt + 70)
@@ -219,7 +229,8 @@ def test_sliding_window_is_a_setting_that_matters():
     model = GPT(tiny(block_size=16, attn_impl='sdpa')).eval()
     idx = torch.randint(0, 97, (2, 5))
     window, whole = (model.generate(idx, 40, temperature=0, sliding_window=s) for s in (True, False))
-    assert torch.equal(window[:, :16], whole[:, :16]) and not torch.equal(window, whole)  # the same until block_size
+    # the same until block_size
+    assert torch.equal(window[:, :16], whole[:, :16]) and not torch.equal(window, whole)
 
 
 @pytest.mark.parametrize('impl', [stablemask_reference, stablemask_sdpa])
@@ -230,14 +241,17 @@ def test_sliding_window_attention(impl, gamma, alibi):
     H, T, window = 3, 20, 6
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, H, T, 16, generator=g, dtype=torch.float64) for _ in range(3))
-    gamma = alibi_slopes(H).double() if gamma == 'slopes' else None if gamma is None else torch.full((H,), gamma, dtype=torch.float64)
+    if gamma is not None:
+        slopes = alibi_slopes(H).double()
+        gamma = slopes if gamma == 'slopes' else torch.full((H,), gamma, dtype=torch.float64)
     alibi = alibi_slopes(H).double() if alibi else None
     if impl is stablemask_sdpa:  # the fused ops run in float32
         q, k, v, gamma, alibi = (None if t is None else t.float() for t in (q, k, v, gamma, alibi))
     out = impl(q, k, v, gamma, alibi, pseudo_len=window, window=window)
     for t in range(T):
         s = max(0, t - window + 1)
-        expected = stablemask_reference(q[:, :, t:t + 1], k[:, :, s:t + 1], v[:, :, s:t + 1], gamma, alibi, pseudo_len=window)
+        expected = stablemask_reference(q[:, :, t:t + 1], k[:, :, s:t + 1], v[:, :, s:t + 1], gamma, alibi,
+                                        pseudo_len=window)
         torch.testing.assert_close(out[:, :, t:t + 1], expected, rtol=1e-5, atol=1e-6)
     wide = impl(q, k, v, gamma, alibi, window=T)  # a window as long as the sequence: no window at all
     torch.testing.assert_close(wide, stablemask_reference(q, k, v, gamma, alibi), rtol=1e-5, atol=1e-6)
@@ -258,11 +272,13 @@ def test_windowed_cache_equals_a_windowed_forward(pos_enc, impl):
         cache = Cache(model.config.n_layer, length, window=16)
         with torch.no_grad():
             steps = [model(idx[:, :prefill], pseudo_len=16, kv_cache=cache)[0]]
-            steps += [model(idx[:, t:t + 1], pseudo_len=16, kv_cache=cache)[0] for t in range(prefill, length)]
+            steps += [model(idx[:, t:t + 1], pseudo_len=16, kv_cache=cache)[0]
+                      for t in range(prefill, length)]
             full = model(idx, targets=idx, pseudo_len=16, window=16)[0]
         torch.testing.assert_close(torch.cat(steps, dim=1), full[:, prefill - 1:], rtol=1e-4, atol=1e-5)
         if Cache is KVCache:
-            assert cache.k[0].size(2) == 32 and cache.held <= 32  # memory of twice the window, however long the text
+            # memory of twice the window, however long the text
+            assert cache.k[0].size(2) == 32 and cache.held <= 32
         else:
             assert cache.k[0].size(2) == 16 and cache.position.item() == length  # the window's memory
 
@@ -278,7 +294,8 @@ def test_sample_next():
     assert set(sample_next(logits).flatten().tolist()) == {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize('pos_enc,attn_mask', [('rope', 'stablemask'), ('alibi', 'stablemask'), ('rope', 'causal')])
+@pytest.mark.parametrize('pos_enc,attn_mask', [('rope', 'stablemask'), ('alibi', 'stablemask'),
+                                               ('rope', 'causal')])
 def test_grouped_query_attention_in_the_model(pos_enc, attn_mask):
     """n_kv_head < n_head: every attention path gives the same logits and gradients, and the KV cache
     keeps only the K/V heads while its steps equal a full forward."""
@@ -305,8 +322,9 @@ def test_config_refuses_kv_heads_that_do_not_divide():
         tiny(n_head=4, n_kv_head=3)
 
 
-SINK_VARIANTS = [dict(sink_token='learned'), dict(sink_token='fixed', attn_mask='causal'), dict(sink_logit='learned'),
-                 dict(sink_logit='zero', attn_mask='causal'), dict(sink_logit='learned', sink_token='learned'),
+SINK_VARIANTS = [dict(sink_token='learned'), dict(sink_token='fixed', attn_mask='causal'),
+                 dict(sink_logit='learned'), dict(sink_logit='zero', attn_mask='causal'),
+                 dict(sink_logit='learned', sink_token='learned'),
                  dict(sm_gamma=0.0, sm_offset=-2.0)]
 
 
@@ -322,9 +340,11 @@ def test_sinks_in_the_model(pos_enc, variant):
     assert results['triton'][0].shape == (2, 37, 97)  # the sink token's position is not among the outputs
     grads = results['reference'][1]
     learned = [n for n in grads if n.endswith('attn.sink') or n == 'sink_token']
-    assert len(learned) == (variant.get('sink_logit') == 'learned') * 2 + (variant.get('sink_token') == 'learned')
+    expected = (variant.get('sink_logit') == 'learned') * 2 + (variant.get('sink_token') == 'learned')
+    assert len(learned) == expected
     assert all(grads[n].abs().sum() > 0 for n in learned)
-    reloaded = model_from_checkpoint(dict(model=model.state_dict(), model_args=vars(model.config))).to(DEVICE)
+    reloaded = model_from_checkpoint(dict(model=model.state_dict(), model_args=vars(model.config)))
+    reloaded = reloaded.to(DEVICE)
     torch.testing.assert_close(reloaded(idx, targets=idx)[0], results['triton'][0], rtol=1e-4, atol=1e-5)
 
 
@@ -342,8 +362,9 @@ def test_generation_keeps_the_sink_token_first(pos_enc):
     assert torch.equal(last, cached[:, -1])
 
 
-@pytest.mark.parametrize('name,flops', [('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H100 NVL', 835e12), ('NVIDIA H100 PCIe', 756e12),
-                                        ('NVIDIA H200', 989e12), ('NVIDIA A100-SXM4-80GB', 312e12), ('NVIDIA L4', None)])
+@pytest.mark.parametrize('name,flops', [
+    ('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H100 NVL', 835e12), ('NVIDIA H100 PCIe', 756e12),
+    ('NVIDIA H200', 989e12), ('NVIDIA A100-SXM4-80GB', 312e12), ('NVIDIA L4', None)])
 def test_peak_flops_by_gpu_name(name, flops):
     """MFU's denominator: each GPU's dense bf16 peak, the H100 variants told apart."""
     assert peak_flops_of(name) == flops
@@ -356,7 +377,8 @@ def test_fixed_cache_compiles_the_decode_step_once(pos_enc):
     pass and one decode step for every token; a second generation compiles nothing new."""
     from torch._dynamo.utils import counters
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, pos_enc=pos_enc)).eval()
+    config = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, pos_enc=pos_enc)
+    model = GPT(config).eval()
     idx = torch.randint(0, 50, (2, 5))
     eager = model.generate(idx, 40, temperature=0)
     torch._dynamo.reset()
@@ -366,3 +388,128 @@ def test_fixed_cache_compiles_the_decode_step_once(pos_enc):
     assert counters['stats']['unique_graphs'] == 2, counters['stats']
     assert torch.equal(model.generate(idx.flip(0), 40, temperature=0, use_cache='fixed'), eager.flip(0))
     assert counters['stats']['unique_graphs'] == 2, counters['stats']
+
+
+# ---------------------------------------------------------------------------------------------------
+# prompts of different lengths in one batch: left padding, each row with positions of its own
+
+PADDED_VARIANTS = [('rope', {}), ('alibi', {}), ('learned', {}), ('none', {}),
+                   ('rope', dict(sink_token='learned', sink_logit='learned', n_kv_head=2)),
+                   ('alibi', dict(sink_token='fixed', attn_mask='causal'))]
+
+
+@pytest.mark.parametrize('pos_enc,variant', PADDED_VARIANTS)
+def test_a_left_padded_batch_equals_each_row_alone(poisoned, pos_enc, variant):
+    """model(idx, pad=...) on prompts of different lengths, left-padded into one batch: each row's
+    logits are those of the row alone in float64 (its first token at position 0: RoPE's angles,
+    ALiBi's distances, learned positions and SM-I's pseudo mass by the row's own positions; the
+    padding never attended), on every attention path; nothing unwritten (poisoned)."""
+    torch.manual_seed(0)
+    model = GPT(tiny(pos_enc=pos_enc, block_size=24, **variant)).to(DEVICE).eval()
+    prompts = [torch.randint(0, 97, (n,), device=DEVICE) for n in (3, 17, 24, 9)]
+    idx, counts = left_padded(prompts, DEVICE)
+    assert idx.shape == (4, 24) and counts == [21, 7, 0, 15]
+    exact = GPT(model.config).to(DEVICE).double().eval()
+    exact.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        alone = [full_logits(exact, prompt[None])[0] for prompt in prompts]
+        for impl in ('reference', 'sdpa', 'triton'):
+            for block in model.transformer.h:
+                block.attn.impl = impl
+            batch = model(idx, targets=idx, pseudo_len=24, pad=torch.tensor(counts, device=DEVICE))[0]
+            for row, (n, want) in enumerate(zip(counts, alone)):
+                assert relative_error(batch[row, n:], want) < 1e-5, (impl, row)
+            assert not batch.isnan().any()
+
+
+@pytest.mark.parametrize('pos_enc,variant', PADDED_VARIANTS)
+def test_prompts_of_any_length_decode_as_one_batch(pos_enc, variant):
+    """model.generate on a list of prompts of different lengths: greedy, each row's tokens are the
+    tokens of that prompt decoded alone, with either KV cache or none, with the sliding window and
+    without, well past block_size (the growing cache moves its window, the fixed one's ring wraps;
+    learned positions and a sink token recompute their last block_size tokens)."""
+    torch.manual_seed(0)
+    model = GPT(tiny(pos_enc=pos_enc, block_size=16, attn_impl='sdpa', **variant)).eval()
+    prompts = [torch.randint(0, 97, (n,)) for n in (3, 20, 9, 1)]
+    for sliding_window in (True, False):
+        for cache in (False, True, 'fixed'):
+            batch = model.generate(prompts, 30, temperature=0, use_cache=cache,
+                                   sliding_window=sliding_window)
+            for prompt, row in zip(prompts, batch):
+                alone = model.generate(prompt[None], 30, temperature=0, use_cache=cache,
+                                       sliding_window=sliding_window)[0]
+                assert torch.equal(row, alone), (sliding_window, cache, len(prompt))
+
+
+def test_generate_takes_lists_of_any_length_and_ends_each_row():
+    """The API: a list of prompts (lists of ids or 1-D tensors) gives a list of 1-D tensors, each its
+    prompt continued; end_token ends a row (kept) and generation once every row has ended; prompts of
+    one length give what the (B, T) tensor gives; an empty prompt is refused."""
+    torch.manual_seed(0)
+    model = GPT(tiny(block_size=16, attn_impl='sdpa')).eval()
+    prompts = [[5, 6, 7], torch.tensor([8]), [9, 10, 11, 12, 13]]
+    free = model.generate(prompts, 12, temperature=0)
+    assert [len(row) for row in free] == [15, 13, 17]
+    assert all(row[:len(p)].tolist() == list(map(int, p)) for row, p in zip(free, prompts))
+    # the end token: one the second row generates; each row ends at its first
+    end = int(free[1][4])
+    first = [row[len(p):].tolist().index(end) if end in row[len(p):].tolist() else None
+             for row, p in zip(free, prompts)]
+    ended = model.generate(prompts, 12, temperature=0, end_token=end)
+    for row, p, whole, at in zip(ended, prompts, free, first):
+        stop = len(whole) if at is None else len(p) + at + 1
+        assert torch.equal(row, whole[:stop])
+    same = torch.randint(0, 97, (3, 6))
+    as_list = model.generate(list(same), 20, temperature=0)
+    assert torch.equal(torch.stack(as_list), model.generate(same, 20, temperature=0))
+    # in a tensor, a row that has ended goes on with end_token; the batch stops once every row has
+    end = int(as_list[0][8])
+    cut = model.generate(same, 20, temperature=0, end_token=end)
+    for row, whole in zip(cut, as_list):
+        new = whole[6:].tolist()
+        stop = new.index(end) + 1 if end in new else len(new)
+        assert row[6:].tolist() == (new[:stop] + [end] * 20)[:cut.size(1) - 6]
+    alone = model.generate(same[:1], 20, temperature=0, end_token=end)
+    assert alone.size(1) == 6 + as_list[0][6:].tolist().index(end) + 1
+    with pytest.raises(ValueError, match='each of one token or more'):
+        model.generate([[1, 2], []], 5)
+
+
+def test_padded_prompts_compile_the_decode_step_once():
+    """sample.py --compile=True with prompts of different lengths: the fixed cache's ring is shared,
+    its mask hides each row's padding; the compiled forward gives eager's tokens past block_size, in
+    two graphs (the prompts' pass, one decode step), and the same prompts in another order add none."""
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, pos_enc='alibi')
+    model = GPT(config).eval()
+    prompts = [torch.randint(0, 50, (n,)) for n in (5, 2, 9)]
+    eager = model.generate(prompts, 30, temperature=0)
+    torch._dynamo.reset()
+    counters.clear()
+    model.forward = torch.compile(model.forward)
+    compiled = model.generate(prompts, 30, temperature=0, use_cache='fixed')
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+    assert counters['stats']['unique_graphs'] == 2, counters['stats']
+    compiled = model.generate(prompts[::-1], 30, temperature=0, use_cache='fixed')
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager[::-1]))
+    assert counters['stats']['unique_graphs'] == 2, counters['stats']
+
+
+@pytest.mark.slow
+def test_a_real_model_decodes_prompts_of_any_length_as_one_batch(smollm2):
+    """SmolLM2-135M-Instruct (RoPE, 9 query heads over 3 key/value heads) made StableMask at a training
+    length of 64, so that SM-I's pseudo mass differs from row to row and decoding passes block_size:
+    three prompts of different lengths decode greedily as one batch to the tokens each gives alone."""
+    import tokenizers
+    from checkpoint import from_pretrained
+    model = from_pretrained(smollm2, attn_mask='stablemask', block_size=64).eval()
+    tokenizer = tokenizers.Tokenizer.from_file(f'{smollm2}/tokenizer.json')
+    texts = ['The capital of France is', 'def fibonacci(n):',
+             'Once upon a time, in a small village by the sea, there lived']
+    prompts = [tokenizer.encode(text, add_special_tokens=False).ids for text in texts]
+    assert len({len(prompt) for prompt in prompts}) == 3
+    batch = model.generate(prompts, 60, temperature=0)
+    for prompt, row in zip(prompts, batch):
+        assert torch.equal(row, model.generate(torch.tensor([prompt]), 60, temperature=0)[0])
+    assert 'Paris' in tokenizer.decode(batch[0].tolist())

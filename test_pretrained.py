@@ -1,5 +1,5 @@
 """Hugging Face LLaMA-family checkpoints (pretrained.py): small random models that transformers builds
-and saves here (no download), loaded by GPT.from_pretrained and compared with transformers' own
+and saves here (no download), loaded by checkpoint.from_pretrained and compared with transformers' own
 logits; then the scripts on such a folder, with a tokenizer.json trained here."""
 
 import json
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import run_script
-from model import GPT
+from checkpoint import from_pretrained, load_checkpoint
 
 transformers = pytest.importorskip('transformers')  # test-only: requirements.txt
 tokenizers = pytest.importorskip('tokenizers')
@@ -20,11 +20,14 @@ tokenizers = pytest.importorskip('tokenizers')
 LLAMA3_ROPE = {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
                'original_max_position_embeddings': 32}
 MODELS = {  # name: (architecture, config); each small, covering one thing the loader must map
-    'llama-gqa-head-dim': ('Llama', dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5)),
+    'llama-gqa-head-dim': ('Llama', dict(num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=32, rms_norm_eps=1e-5)),
     'llama3-rope-tied-mqa': ('Llama', dict(num_attention_heads=4, num_key_value_heads=1, rope_theta=500000.0,
                                            rope_scaling=LLAMA3_ROPE, tie_word_embeddings=True)),
-    'llama-linear-rope': ('Llama', dict(num_attention_heads=2, num_key_value_heads=2, rope_scaling={'rope_type': 'linear', 'factor': 4.0})),
-    'qwen2-biases': ('Qwen2', dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6)),
+    'llama-linear-rope': ('Llama', dict(num_attention_heads=2, num_key_value_heads=2,
+                                        rope_scaling={'rope_type': 'linear', 'factor': 4.0})),
+    'qwen2-biases': ('Qwen2', dict(num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=True, rope_theta=1e6)),
     'mistral': ('Mistral', dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None)),
 }
 
@@ -47,7 +50,7 @@ def relative_error(a, b):
 
 
 def logits_of_both(hf, folder, idx, **overrides):
-    ours = GPT.from_pretrained(str(folder), **overrides).eval()
+    ours = from_pretrained(str(folder), **overrides).eval()
     with torch.no_grad():
         return ours(idx, targets=idx)[0], hf.float()(idx).logits
 
@@ -56,7 +59,8 @@ def logits_of_both(hf, folder, idx, **overrides):
 def test_logits_equal_transformers(tmp_path, name):
     arch, config = MODELS[name]
     hf = save_model(tmp_path, arch, **config)
-    idx = torch.randint(0, 97, (2, 60), generator=torch.Generator().manual_seed(1))  # past the original 32 positions
+    # past the original 32 positions
+    idx = torch.randint(0, 97, (2, 60), generator=torch.Generator().manual_seed(1))
     ours, theirs = logits_of_both(hf, tmp_path, idx, attn_mask='causal', attn_impl='sdpa')
     assert relative_error(ours, theirs) <= 1e-4
     for impl in ('reference', 'triton'):  # every attention path, grouped-query attention included
@@ -68,9 +72,10 @@ def test_logits_equal_transformers(tmp_path, name):
 def test_sharded_bf16_weights_and_the_older_config_form(tmp_path):
     """model.safetensors.index.json with several shards, bf16 weights (loaded as float32), and a
     config.json in the Hub's older form (rope_theta and rope_scaling, not rope_parameters)."""
-    hf = save_model(tmp_path, 'Llama', dtype=torch.bfloat16, shard='40KB', num_attention_heads=4, num_key_value_heads=2,
-                    rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)
-    assert os.path.exists(tmp_path / 'model.safetensors.index.json') and len(list(tmp_path.glob('*.safetensors'))) > 2
+    hf = save_model(tmp_path, 'Llama', dtype=torch.bfloat16, shard='40KB', num_attention_heads=4,
+                    num_key_value_heads=2, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)
+    assert (os.path.exists(tmp_path / 'model.safetensors.index.json')
+            and len(list(tmp_path.glob('*.safetensors'))) > 2)
     config = json.loads((tmp_path / 'config.json').read_text())
     rope = config.pop('rope_parameters')
     config.update(rope_theta=rope.pop('rope_theta'), rope_scaling=rope)
@@ -78,13 +83,16 @@ def test_sharded_bf16_weights_and_the_older_config_form(tmp_path):
     idx = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(2))
     ours, theirs = logits_of_both(hf, tmp_path, idx)
     assert relative_error(ours, theirs) <= 1e-4
-    assert next(GPT.from_pretrained(str(tmp_path)).parameters()).dtype == torch.float32
+    assert next(from_pretrained(str(tmp_path)).parameters()).dtype == torch.float32
 
 
 @pytest.mark.parametrize('change,message', [
-    (dict(architectures=['GPT2LMHeadModel']), 'GPT2LMHeadModel is not supported (only LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)'),
-    (dict(architectures=['MistralForCausalLM'], sliding_window=16), 'a sliding window of 16 is not supported'),
-    (dict(rope_parameters={'rope_type': 'yarn', 'factor': 2.0, 'rope_theta': 10000.0}), 'rope_type=yarn is not supported'),
+    (dict(architectures=['GPT2LMHeadModel']),
+     'GPT2LMHeadModel is not supported (only LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)'),
+    (dict(architectures=['MistralForCausalLM'], sliding_window=16),
+     'a sliding window of 16 is not supported'),
+    (dict(rope_parameters={'rope_type': 'yarn', 'factor': 2.0, 'rope_theta': 10000.0}),
+     'rope_type=yarn is not supported'),
     (dict(attention_bias=True), 'attention_bias=True is not supported'),
     (dict(hidden_act='gelu'), 'hidden_act=gelu is not supported'),
 ])
@@ -93,7 +101,7 @@ def test_unsupported_configurations_are_refused(tmp_path, change, message):
     config = json.loads((tmp_path / 'config.json').read_text())
     (tmp_path / 'config.json').write_text(json.dumps({**config, **change}))
     with pytest.raises(ValueError, match=re.escape(message)):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     result = run_script('sample.py', f'--init_from={tmp_path}', cwd=tmp_path, expect_ok=False)
     assert result.returncode == 1 and result.stderr.strip().count('\n') == 0 and message in result.stderr
 
@@ -101,8 +109,9 @@ def test_unsupported_configurations_are_refused(tmp_path, change, message):
 def test_pickled_weights_are_refused(tmp_path):
     save_model(tmp_path, 'Llama', num_attention_heads=2)
     (tmp_path / 'model.safetensors').rename(tmp_path / 'pytorch_model.bin')
-    with pytest.raises(ValueError, match='only a pickled pytorch_model.bin, refused as loading it could run code'):
-        GPT.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match='only a pickled pytorch_model.bin, '
+                                         'refused as loading it could run code'):
+        from_pretrained(str(tmp_path))
 
 
 def edit_json(path, change):
@@ -138,8 +147,8 @@ def break_folder(folder, fault):
         return '/model.safetensors is not a whole safetensors file (cut short, or damaged): '
     if fault == 'a shape other than config.json says':
         edit_json(config, lambda c: c.update(intermediate_size=80))
-        return ('/model.safetensors: model.layers.0.mlp.up_proj.weight is [96, 64], the model of config.json '
-                'needs [80, 64]')
+        return ('/model.safetensors: model.layers.0.mlp.up_proj.weight is [96, 64], '
+                'the model of config.json needs [80, 64]')
     if fault == 'a layer missing':
         edit_json(config, lambda c: c.update(num_hidden_layers=3))
         return ': no tensor in its safetensors files for transformer.h.2.ln_1.weight'
@@ -154,7 +163,6 @@ def break_folder(folder, fault):
 def test_a_broken_folder_is_one_value_error_before_any_model(tmp_path, fault):
     """pretrained_args (what train.py --fsdp=True reads before each process reads its rows) checks the
     folder whole: each fault a ValueError, one line naming the file; the full load says the same."""
-    from model import load_checkpoint
     folder = tmp_path / 'model'
     save_model(folder, 'Llama', num_attention_heads=2)
     message = break_folder(folder, fault)
@@ -184,7 +192,7 @@ def test_a_broken_index_is_one_value_error(tmp_path):
 
 
 def test_a_tokenizer_file_that_is_not_one(tmp_path):
-    from prepare_data import PrepareError, hf_tokenizer
+    from tokenizer import TokenizerError as PrepareError, hf_tokenizer
     (tmp_path / 'tokenizer.json').write_text('{"not": "a tokenizer"}')
     message = f'{tmp_path}/tokenizer.json is not a tokenizer the tokenizers library reads: '
     with pytest.raises(PrepareError, match=re.escape(message)):
@@ -214,21 +222,24 @@ def hf_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp('work') / 'tiny-llama'
     folder.mkdir()
     tokenizer = train_tokenizer(folder, 400)
-    save_model(folder, 'Llama', vocab_size=tokenizer.get_vocab_size(), num_attention_heads=4, num_key_value_heads=2,
-               eos_token_id=tokenizer.token_to_id('<|endoftext|>'))
+    save_model(folder, 'Llama', vocab_size=tokenizer.get_vocab_size(), num_attention_heads=4,
+               num_key_value_heads=2, eos_token_id=tokenizer.token_to_id('<|endoftext|>'))
     return folder
 
 
 def test_prepare_with_its_tokenizer(hf_folder, tmp_path):
     """--tokenizer=<folder>: its tokenizer.json on every document whole, then its end-of-sequence token."""
-    docs = ['A first document, with ünïcode.\n' * 40, 'def f(x):\n    return x * 2\n' * 30, 'ends without a newline']
+    docs = ['A first document, with ünïcode.\n' * 40, 'def f(x):\n    return x * 2\n' * 30,
+            'ends without a newline']
     (tmp_path / 'in').mkdir()
     (tmp_path / 'in' / 'docs.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
     (tmp_path / 'val.txt').write_text('held out ' * 50)
-    run_script('prepare_data.py', '--input', tmp_path / 'in', '--val_input', tmp_path / 'val.txt', f'--tokenizer={hf_folder}', cwd=tmp_path)
+    run_script('prepare_data.py', '--input', tmp_path / 'in', '--val_input', tmp_path / 'val.txt',
+               f'--tokenizer={hf_folder}', cwd=tmp_path)
     folder = tmp_path / 'data' / 'in_tiny-llama'
     meta = json.loads((folder / 'meta.json').read_text())
-    assert meta['tokenizer'] == 'hf' and meta['tokenizer_path'] == str(hf_folder) and meta['vocab_size'] == 400
+    assert (meta['tokenizer'] == 'hf' and meta['tokenizer_path'] == str(hf_folder)
+            and meta['vocab_size'] == 400)
     tokenizer = tokenizers.Tokenizer.from_file(str(hf_folder / 'tokenizer.json'))
     eos = tokenizer.token_to_id('<|endoftext|>')
     expected = [t for d in docs for t in tokenizer.encode(d, add_special_tokens=False).ids + [eos]]
@@ -243,28 +254,30 @@ def test_end_of_sequence_from_tokenizer_config(hf_folder, tmp_path):
     config = json.loads((folder / 'config.json').read_text())
     eos = config.pop('eos_token_id')
     (folder / 'config.json').write_text(json.dumps(config))
-    from prepare_data import PrepareError, hf_tokenizer_meta
+    from tokenizer import TokenizerError as PrepareError, hf_tokenizer_meta
     with pytest.raises(PrepareError, match='names no end-of-sequence token'):
         hf_tokenizer_meta(str(folder))
     (folder / 'tokenizer_config.json').write_text(json.dumps({'eos_token': {'content': '<|endoftext|>'}}))
     assert hf_tokenizer_meta(str(folder))['eot_token'] == eos
-    from model import load_checkpoint
     assert load_checkpoint(str(folder))['meta']['eot_token'] == eos
 
 
 def test_fine_tune_with_stablemask_then_sample(hf_folder, tmp_path):
-    run_script('prepare_data.py', f'--tokenizer={hf_folder}', cwd=tmp_path)  # pydoc's text, with the model's tokenizer
-    common = ['--block_size=64', '--batch_size=4', '--max_iters=6', '--eval_interval=6', '--eval_iters=2', '--device=cpu']
-    result = run_script('train.py', f'--init_from={hf_folder}', '--dataset=pydoc_tiny-llama', '--attn_mask=stablemask',
-                        '--out_dir=out-ft', *common, cwd=tmp_path)
+    # pydoc's text, with the model's tokenizer
+    run_script('prepare_data.py', f'--tokenizer={hf_folder}', cwd=tmp_path)
+    common = ['--block_size=64', '--batch_size=4', '--max_iters=6', '--eval_interval=6', '--eval_iters=2',
+              '--device=cpu']
+    result = run_script('train.py', f'--init_from={hf_folder}', '--dataset=pydoc_tiny-llama',
+                        '--attn_mask=stablemask', '--out_dir=out-ft', *common, cwd=tmp_path)
     assert f'fine-tuning {hf_folder}' in result.stdout and 'stablemask attention' in result.stdout
     checkpoint = torch.load(tmp_path / 'out-ft' / 'ckpt.pt', weights_only=True)
-    assert checkpoint['model_args']['n_kv_head'] == 2 and checkpoint['model_args']['attn_mask'] == 'stablemask'
+    assert (checkpoint['model_args']['n_kv_head'] == 2
+            and checkpoint['model_args']['attn_mask'] == 'stablemask')
     assert checkpoint['meta']['tokenizer_path'] == str(hf_folder)
     # the model folder itself, and the fine-tuned checkpoint, which finds the tokenizer where it was
     for init in (hf_folder, tmp_path / 'out-ft'):
-        out = run_script('sample.py', f'--init_from={init}', '--start=The ', '--num_samples=1', '--max_new_tokens=20', '--device=cpu',
-                         cwd=tmp_path).stdout
+        out = run_script('sample.py', f'--init_from={init}', '--start=The ', '--num_samples=1',
+                         '--max_new_tokens=20', '--device=cpu', cwd=tmp_path).stdout
         assert out.startswith('The ') and out.endswith('\n---------------\n') and len(out) > 30
     # moved: one line says where to point it
     moved = tmp_path / 'moved'
@@ -273,23 +286,29 @@ def test_fine_tune_with_stablemask_then_sample(hf_folder, tmp_path):
     torch.save(checkpoint, tmp_path / 'out-ft' / 'ckpt.pt')
     result = run_script('sample.py', '--init_from=out-ft', cwd=tmp_path, expect_ok=False)
     assert result.returncode == 1 and 'is not there now: pass --tokenizer=' in result.stderr
-    run_script('sample.py', '--init_from=out-ft', f'--tokenizer={moved}', '--num_samples=1', '--max_new_tokens=5', '--device=cpu', cwd=tmp_path)
+    run_script('sample.py', '--init_from=out-ft', f'--tokenizer={moved}', '--num_samples=1',
+               '--max_new_tokens=5', '--device=cpu', cwd=tmp_path)
     # data of another tokenizer cannot fine-tune it
     run_script('prepare_data.py', '--tokenizer=char', cwd=tmp_path)
-    result = run_script('train.py', f'--init_from={hf_folder}', '--dataset=pydoc_char', '--out_dir=out-x', *common, cwd=tmp_path,
-                        expect_ok=False)
-    assert result.returncode == 1 and 'was trained on the hf tokenizer but data/pydoc_char is tokenized with char' in result.stderr
+    result = run_script('train.py', f'--init_from={hf_folder}', '--dataset=pydoc_char', '--out_dir=out-x',
+                        *common, cwd=tmp_path, expect_ok=False)
+    assert result.returncode == 1 and ('was trained on the hf tokenizer but data/pydoc_char is tokenized '
+                                       'with char' in result.stderr)
 
 
 def test_sinks_pretrained_switched_and_fine_tuned(hf_folder, tmp_path):
     """experiments.py sinks --init_from: three states apart (pretrained, the mask switched with no
     update, fine-tuned), by layer, and a summary with each state's validation loss."""
-    out = run_script('experiments.py', 'sinks', f'--init_from={hf_folder}', '--steps=3', '--plot=False', cwd=tmp_path).stdout
-    rows = [[c.strip() for c in line.strip('|').split('|')] for line in out.splitlines() if line.startswith('| ') and line[2].isdigit()]
+    out = run_script('experiments.py', 'sinks', f'--init_from={hf_folder}', '--steps=3',
+                     '--plot=False', cwd=tmp_path).stdout
+    rows = [[c.strip() for c in line.strip('|').split('|')] for line in out.splitlines()
+            if line.startswith('| ') and line[2].isdigit()]
     assert len(rows) == 2  # one per layer
     for layer, *first, pseudo_switched, pseudo_tuned in rows:
-        assert all(0 <= float(f) <= 100 for f in first) and 0 < float(pseudo_switched) < 100 and 0 < float(pseudo_tuned) < 100
-        assert float(first[1]) < float(first[0])  # switched: some of the first token's share now goes to the pseudo columns
+        assert (all(0 <= float(f) <= 100 for f in first) and 0 < float(pseudo_switched) < 100
+                and 0 < float(pseudo_tuned) < 100)
+        # switched: some of the first token's share now goes to the pseudo columns
+        assert float(first[1]) < float(first[0])
     assert re.search(r'training loss \d+\.\d+ at its first step, \d+\.\d+ at its last', out)
     summary = [line for line in out.splitlines() if line.startswith(('| pretrained', '| StableMask'))]
     assert len(summary) == 3 and all(float(line.split('|')[2]) > 0 for line in summary)
@@ -302,12 +321,14 @@ def test_sinks_pretrained_switched_and_fine_tuned(hf_folder, tmp_path):
 @pytest.fixture(scope='module')
 def real(smollm2):
     """The real model's folder, transformers' model of it (fp32, sdpa) and its tokenizer."""
-    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32, attn_implementation='sdpa').eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32,
+                                                           attn_implementation='sdpa').eval()
     return smollm2, hf, tokenizers.Tokenizer.from_file(os.path.join(smollm2, 'tokenizer.json'))
 
 
 def real_text_ids(tokenizer, shakespeare_txt, n):
-    return torch.tensor([tokenizer.encode(open(shakespeare_txt).read()[:4000], add_special_tokens=False).ids[:n]])
+    return torch.tensor([tokenizer.encode(open(shakespeare_txt).read()[:4000],
+                                          add_special_tokens=False).ids[:n]])
 
 
 @pytest.mark.parametrize('impl,tolerance', [('sdpa', 0.0), ('reference', 1e-5), ('triton', 1e-5)])
@@ -316,8 +337,9 @@ def test_real_model_logits_equal_transformers(real, shakespeare_txt, impl, toler
     bit on sdpa, the path transformers takes too); the model is the GQA one the GGUF file holds."""
     folder, hf, tokenizer = real
     idx = real_text_ids(tokenizer, shakespeare_txt, 48)
-    ours = GPT.from_pretrained(folder, attn_impl=impl).eval()
-    assert (ours.config.n_layer, ours.config.n_head, ours.config.n_kv_head, ours.config.tie_embeddings) == (30, 9, 3, True)
+    ours = from_pretrained(folder, attn_impl=impl).eval()
+    assert ((ours.config.n_layer, ours.config.n_head, ours.config.n_kv_head, ours.config.tie_embeddings)
+            == (30, 9, 3, True))
     with torch.no_grad():
         logits, theirs = ours(idx, targets=idx)[0], hf(idx).logits
     assert relative_error(logits, theirs) <= tolerance, relative_error(logits, theirs)
@@ -327,7 +349,7 @@ def test_real_model_greedy_generation_equals_transformers(real):
     """Greedy decoding through our KV cache gives transformers' tokens, and they are sensible English."""
     folder, hf, tokenizer = real
     prompt = torch.tensor([tokenizer.encode('The capital of France is', add_special_tokens=False).ids])
-    ours = GPT.from_pretrained(folder).eval()
+    ours = from_pretrained(folder).eval()
     mine = ours.generate(prompt, 30, temperature=0)[0, prompt.size(1):].tolist()
     theirs = hf.generate(prompt, max_new_tokens=30, do_sample=False)[0, prompt.size(1):].tolist()
     assert mine == theirs
@@ -340,21 +362,27 @@ def test_real_model_fine_tunes_into_stablemask_from_its_causal_loss(real, shakes
     is the causal model's, to 1e-4, where the mask switched at once costs the real model; it trains,
     and its checkpoint chats."""
     folder, hf, tokenizer = real
-    run_script('prepare_data.py', '--input', shakespeare_txt, f'--tokenizer={folder}', '--name=shakespeare', cwd=tmp_path)
+    run_script('prepare_data.py', '--input', shakespeare_txt, f'--tokenizer={folder}',
+               '--name=shakespeare', cwd=tmp_path)
     meta = json.loads((tmp_path / 'data' / 'shakespeare' / 'meta.json').read_text())
     assert meta['train_tokens'] > 5000 and meta['val_tokens'] > 500
-    common = [f'--init_from={folder}', '--dataset=shakespeare', '--block_size=64', '--batch_size=2', '--eval_iters=2', '--device=cpu']
+    common = [f'--init_from={folder}', '--dataset=shakespeare', '--block_size=64', '--batch_size=2',
+              '--eval_iters=2', '--device=cpu']
     step0 = re.compile(r'step 0: train loss [\d.]+, val loss ([\d.]+)')
     first_val = {}
     for name, mask in (('causal', 'causal'), ('abrupt', 'stablemask')):  # evaluations only: nothing written
-        out = run_script('train.py', *common, f'--attn_mask={mask}', '--eval_only=True', '--out_dir=out-eval', cwd=tmp_path).stdout
+        out = run_script('train.py', *common, f'--attn_mask={mask}', '--eval_only=True',
+                         '--out_dir=out-eval', cwd=tmp_path).stdout
         first_val[name] = float(step0.search(out).group(1))
-    run_script('train.py', *common, '--attn_mask=stablemask', '--mask_warmup_iters=3', '--max_iters=3', '--eval_interval=3',
-               '--learning_rate=3e-5', '--warmup_iters=0', '--out_dir=out-warm', cwd=tmp_path, timeout=600)
+    run_script('train.py', *common, '--attn_mask=stablemask', '--mask_warmup_iters=3', '--max_iters=3',
+               '--eval_interval=3', '--learning_rate=3e-5', '--warmup_iters=0', '--out_dir=out-warm',
+               cwd=tmp_path, timeout=600)
     log = [json.loads(line) for line in (tmp_path / 'out-warm' / 'log.jsonl').read_text().splitlines()]
     assert abs(log[0]['val_loss'] - first_val['causal']) < 1e-4, (log[0], first_val)
-    assert first_val['abrupt'] > first_val['causal'] + 0.1, first_val  # the switch alone costs the real model
-    assert [r['iter'] for r in log if 'val_loss' in r] == [0, 3] and all(np.isfinite(r.get('loss', 0)) for r in log)
+    # the switch alone costs the real model
+    assert first_val['abrupt'] > first_val['causal'] + 0.1, first_val
+    assert ([r['iter'] for r in log if 'val_loss' in r] == [0, 3]
+            and all(np.isfinite(r.get('loss', 0)) for r in log))
     assert not (tmp_path / 'out-eval').exists()
 
 
@@ -363,13 +391,15 @@ def test_real_model_chats(real, tmp_path):
     answer ends at the end of its turn; --show_special=True writes the template's tokens."""
     pytest.importorskip('jinja2')
     folder, hf, tokenizer = real
-    args = [f'--init_from={folder}', '--chat=True', '--start=What is the capital of France?', '--num_samples=1',
-            '--temperature=0', '--max_new_tokens=60', '--device=cpu']
+    args = [f'--init_from={folder}', '--chat=True', '--start=What is the capital of France?',
+            '--num_samples=1', '--temperature=0', '--max_new_tokens=60', '--device=cpu']
     plain = run_script('sample.py', *args, cwd=tmp_path).stdout
     answer = plain.split('assistant\n', 1)[1].split('\n---------------\n')[0]
-    assert 'Paris' in answer and len(answer) < 100 and '<|im_start|>' not in plain  # it stopped at the end of its turn
+    # it stopped at the end of its turn
+    assert 'Paris' in answer and len(answer) < 100 and '<|im_start|>' not in plain
     special = run_script('sample.py', *args, '--show_special=True', cwd=tmp_path).stdout
-    assert special.startswith('<|im_start|>system') and '<|im_start|>user\nWhat is the capital of France?<|im_end|>' in special
+    assert (special.startswith('<|im_start|>system')
+            and '<|im_start|>user\nWhat is the capital of France?<|im_end|>' in special)
     assert special.split('\n---------------\n')[0].endswith('<|im_end|>')
 
 
@@ -378,7 +408,7 @@ def test_real_tokenizer_cuts_a_long_document_exactly(real, shakespeare_txt):
     held out), each cut checked, and its sections' tokens, joined, are the tokenizer's on the whole."""
     from corpus import sections
     from prepare_data import cut_rule
-    from pretrained import tokenizer_meta
+    from tokenizer import tokenizer_meta
     folder, hf, tokenizer = real
     text = open(shakespeare_txt).read()
     cut = list(sections([(text, True)], cut_rule(tokenizer_meta(folder))))

@@ -14,12 +14,14 @@ import time
 import pytest
 import torch
 
-import sharded
 from conftest import REPO, run_script
-from model import load_checkpoint
-from test_train import TINY, assert_same_rows, rows_of, worker_pids, workdir  # noqa: F401 (workdir: the data/pydoc_char fixture)
+import checkpoint
+from checkpoint import load_checkpoint
+# workdir: the data/pydoc_char fixture
+from test_train import TINY, assert_same_rows, rows_of, worker_pids, workdir  # noqa: F401
 
-FSDP = [*TINY, '--dropout=0.1', '--gradient_accumulation_steps=4', '--lr_decay_iters=40', '--eval_interval=10']
+FSDP = [*TINY, '--dropout=0.1', '--gradient_accumulation_steps=4', '--lr_decay_iters=40',
+        '--eval_interval=10']
 
 
 @pytest.fixture(scope='module')
@@ -32,13 +34,17 @@ def alone(workdir):
 def test_fsdp_follows_one_process_and_resumes_on_any_number(workdir, alone):
     """FSDP on 2 processes for 20 steps, resumed on 1 (a world of one) to 30, then on 4 to 40: the log
     of one unsharded process, step for step (dropout on), and each save a sharded checkpoint."""
-    run_script('train.py', *FSDP, '--fsdp=True', '--max_iters=20', '--out_dir=out-fsdp', cwd=workdir, torchrun=2)
+    run_script('train.py', *FSDP, '--fsdp=True', '--max_iters=20', '--out_dir=out-fsdp',
+               cwd=workdir, torchrun=2)
     out = workdir / 'out-fsdp'
-    assert os.path.islink(out / 'ckpt.dcp') and os.readlink(out / 'ckpt.dcp') == 'ckpt.dcp.20' and not (out / 'ckpt.pt').exists()
-    assert sorted(p.name for p in out.iterdir()) == ['ckpt.dcp', 'ckpt.dcp.20', 'log.jsonl', 'train.lock']  # the one before is gone
+    assert (os.path.islink(out / 'ckpt.dcp') and os.readlink(out / 'ckpt.dcp') == 'ckpt.dcp.20'
+            and not (out / 'ckpt.pt').exists())
+    # the one before is gone
+    assert sorted(p.name for p in out.iterdir()) == ['ckpt.dcp', 'ckpt.dcp.20', 'log.jsonl', 'train.lock']
     one = run_script('train.py', '--init_from=resume', '--out_dir=out-fsdp', '--max_iters=30', cwd=workdir)
     assert 'on 1 process(es)' in one.stdout
-    four = run_script('train.py', '--init_from=resume', '--out_dir=out-fsdp', '--max_iters=40', cwd=workdir, torchrun=4)
+    four = run_script('train.py', '--init_from=resume', '--out_dir=out-fsdp', '--max_iters=40',
+                      cwd=workdir, torchrun=4)
     assert 'on 4 process(es)' in four.stdout
     assert_same_rows(rows_of(out), alone)
 
@@ -49,9 +55,11 @@ def test_a_run_changes_between_ddp_and_fsdp_when_it_resumes(workdir, alone):
     unsharded process, and each save leaves only its own form of checkpoint behind."""
     out = workdir / 'out-both'
     run_script('train.py', *FSDP, '--max_iters=20', f'--out_dir={out.name}', cwd=workdir)
-    run_script('train.py', '--init_from=resume', f'--out_dir={out.name}', '--max_iters=30', '--fsdp=True', cwd=workdir, torchrun=2)
+    run_script('train.py', '--init_from=resume', f'--out_dir={out.name}', '--max_iters=30', '--fsdp=True',
+               cwd=workdir, torchrun=2)
     assert (out / 'ckpt.dcp').exists() and not (out / 'ckpt.pt').exists()
-    run_script('train.py', '--init_from=resume', f'--out_dir={out.name}', '--max_iters=40', '--fsdp=False', cwd=workdir, torchrun=2)
+    run_script('train.py', '--init_from=resume', f'--out_dir={out.name}', '--max_iters=40', '--fsdp=False',
+               cwd=workdir, torchrun=2)
     assert (out / 'ckpt.pt').exists() and not (out / 'ckpt.dcp').exists()
     assert not [p for p in out.iterdir() if p.name.startswith('ckpt.dcp')]
     assert_same_rows(rows_of(out), alone)
@@ -62,11 +70,13 @@ def test_kill_9_during_a_sharded_save_loses_nothing(workdir):
     """kill -9 of every process while they save (every step here): what ckpt.dcp names is whole, the
     half-written folder is removed by the next run, which resumes."""
     out = workdir / 'out-killed-fsdp'
-    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', os.path.join(REPO, 'train.py'),
-               *FSDP, '--fsdp=True', '--eval_interval=1', '--eval_iters=1', '--max_iters=100000', f'--out_dir={out.name}']
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+               os.path.join(REPO, 'train.py'), *FSDP, '--fsdp=True', '--eval_interval=1', '--eval_iters=1',
+               '--max_iters=100000', f'--out_dir={out.name}']
     proc = subprocess.Popen(command, cwd=workdir, env={**os.environ, 'OMP_NUM_THREADS': '1'},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    saving = lambda: (out / 'ckpt.dcp').exists() and len([p for p in out.iterdir() if p.name.startswith('ckpt.dcp.')]) >= 2
+    saving = lambda: ((out / 'ckpt.dcp').exists()
+                      and len([p for p in out.iterdir() if p.name.startswith('ckpt.dcp.')]) >= 2)
     deadline = time.time() + 120
     while len(worker_pids(proc.pid)) < 2:
         assert proc.poll() is None and time.time() < deadline, 'the ranks did not start'
@@ -84,28 +94,35 @@ def test_kill_9_during_a_sharded_save_loses_nothing(workdir):
     signal_all(signal.SIGKILL)  # mid-save
     proc.wait()
     saved = load_checkpoint(str(out))['iter_num']
-    assert any(p.name != os.readlink(out / 'ckpt.dcp') and p.name.startswith('ckpt.dcp.') for p in out.iterdir())
-    run_script('train.py', '--init_from=resume', f'--out_dir={out.name}', f'--max_iters={saved + 2}', cwd=workdir, torchrun=2)
+    assert any(p.name != os.readlink(out / 'ckpt.dcp') and p.name.startswith('ckpt.dcp.')
+               for p in out.iterdir())
+    run_script('train.py', '--init_from=resume', f'--out_dir={out.name}', f'--max_iters={saved + 2}',
+               cwd=workdir, torchrun=2)
     assert load_checkpoint(str(out))['iter_num'] == saved + 2
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith('ckpt.dcp')) == ['ckpt.dcp', f'ckpt.dcp.{saved + 2}']
+    assert (sorted(p.name for p in out.iterdir() if p.name.startswith('ckpt.dcp'))
+            == ['ckpt.dcp', f'ckpt.dcp.{saved + 2}'])
 
 
 def test_sample_reads_a_sharded_checkpoint_and_one_command_consolidates_it(workdir, alone):
     out = workdir / 'out-fsdp'
     if not (out / 'ckpt.dcp').exists():
-        run_script('train.py', *FSDP, '--fsdp=True', '--max_iters=40', '--out_dir=out-fsdp', cwd=workdir, torchrun=2)
+        run_script('train.py', *FSDP, '--fsdp=True', '--max_iters=40', '--out_dir=out-fsdp',
+                   cwd=workdir, torchrun=2)
     greedy = ['--start=The ', '--num_samples=1', '--max_new_tokens=40', '--temperature=0', '--device=cpu']
     reference = run_script('sample.py', '--init_from=out-alone', *greedy, cwd=workdir).stdout
     assert run_script('sample.py', '--init_from=out-fsdp', *greedy, cwd=workdir).stdout == reference
     result = run_script('sharded.py', 'out-fsdp', cwd=workdir)
     assert result.stdout.strip() == 'wrote out-fsdp/ckpt.pt'
     assert run_script('sample.py', '--init_from=out-fsdp/ckpt.pt', *greedy, cwd=workdir).stdout == reference
-    single, whole = torch.load(out / 'ckpt.pt', weights_only=True), torch.load(workdir / 'out-alone' / 'ckpt.pt', weights_only=True)
+    single, whole = (torch.load(out / 'ckpt.pt', weights_only=True),
+                     torch.load(workdir / 'out-alone' / 'ckpt.pt', weights_only=True))
     for name, tensor in whole['model'].items():
         torch.testing.assert_close(single['model'][name], tensor, rtol=1e-5, atol=1e-6)
-    assert single['optimizer']['param_groups'][0]['params'] == whole['optimizer']['param_groups'][0]['params']
+    assert (single['optimizer']['param_groups'][0]['params']
+            == whole['optimizer']['param_groups'][0]['params'])
     for i, state in whole['optimizer']['state'].items():
-        torch.testing.assert_close(single['optimizer']['state'][i]['exp_avg'], state['exp_avg'], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(single['optimizer']['state'][i]['exp_avg'],
+                                   state['exp_avg'], rtol=1e-4, atol=1e-7)
     # the single file resumes without sharding
     folder = workdir / 'out-consolidated'
     folder.mkdir()
@@ -130,13 +147,14 @@ def metadata_exploits(marker):
     inside an allowed module, builtins, a __reduce__ to os.system, and allowed names misused."""
     command = f'touch {marker}'
     ops = {
-        'dotted name via an allowed module': _call('torch.distributed.checkpoint.metadata', 'os.system', command),
+        'dotted name via an allowed module':
+            _call('torch.distributed.checkpoint.metadata', 'os.system', command),
         'dotted name via torch': _call('torch', 'serialization.os.system', command),
         'a module of an allowed module': _call('torch.distributed.checkpoint.metadata', 'os', ''),
         'builtins.eval': _call('builtins', 'eval', f"__import__('os').system({command!r})"),
         'builtins.__import__': _call('builtins', '__import__', 'os'),
-        'builtins.getattr': _text('builtins') + _text('getattr') + b'\x93(' + _call('builtins', '__import__', 'os')
-        + _text('system') + b'tR(' + _text(command) + b'tR',
+        'builtins.getattr': _text('builtins') + _text('getattr') + b'\x93('
+        + _call('builtins', '__import__', 'os') + _text('system') + b'tR(' + _text(command) + b'tR',
         'torch.load': _call('torch', 'load', str(marker)),
     }
     exploits = {name: b'\x80\x04' + body + b'.' for name, body in ops.items()}
@@ -152,36 +170,46 @@ def test_a_strangers_sharded_checkpoint_cannot_run_code(workdir, tmp_path):
     """DCP's .metadata is a pickle: ours is read by an unpickler that builds exact (module, name) pairs
     of DCP's classes only, so metadata that would run code is refused, in one line naming the file,
     before anything is built, by every script that reads a checkpoint."""
-    run_script('train.py', *TINY, '--fsdp=True', '--max_iters=2', '--eval_interval=2', f'--out_dir={tmp_path / "mine"}', cwd=workdir)
+    run_script('train.py', *TINY, '--fsdp=True', '--max_iters=2', '--eval_interval=2',
+               f'--out_dir={tmp_path / "mine"}', cwd=workdir)
     metadata = tmp_path / 'mine' / 'ckpt.dcp' / '.metadata'
     good = metadata.read_bytes()
     marker = tmp_path / 'pwned'
     for name, payload in metadata_exploits(marker).items():
         metadata.write_bytes(payload)
         with pytest.raises(ValueError, match='refused because loading them could run code'):
-            sharded.safe_metadata(str(metadata.parent))
+            checkpoint.safe_metadata(str(metadata.parent))
         assert not marker.exists(), name
-    metadata.write_bytes(metadata_exploits(marker)['dotted name via an allowed module'])  # the exploit that got through before
-    for script, args in (('sample.py', [f'--init_from={tmp_path / "mine"}']), ('sharded.py', [tmp_path / 'mine']),
+    # the exploit that got through before
+    metadata.write_bytes(metadata_exploits(marker)['dotted name via an allowed module'])
+    for script, args in (('sample.py', [f'--init_from={tmp_path / "mine"}']),
+                         ('sharded.py', [tmp_path / 'mine']),
                          ('eval.py', [f'--init_from={tmp_path / "mine"}', '--dataset=pydoc_char']),
-                         ('train.py', ['--init_from=resume', f'--out_dir={tmp_path / "mine"}', '--fsdp=True'])):
-        result = run_script(script, *args, *(['--device=cpu'] if script != 'sharded.py' else []), cwd=workdir, expect_ok=False)
-        assert result.returncode == 1 and 'refused because loading them could run code' in result.stderr, (script, result.stderr)
-        assert result.stderr.strip().count('\n') == 0 and os.path.realpath(metadata) in result.stderr and not marker.exists(), script
+                         ('train.py', ['--init_from=resume', f'--out_dir={tmp_path / "mine"}',
+                                       '--fsdp=True'])):
+        result = run_script(script, *args, *(['--device=cpu'] if script != 'sharded.py' else []),
+                            cwd=workdir, expect_ok=False)
+        assert result.returncode == 1 and 'refused because loading them could run code' in result.stderr, \
+            (script, result.stderr)
+        assert (result.stderr.strip().count('\n') == 0 and os.path.realpath(metadata) in result.stderr
+                and not marker.exists()), script
     metadata.write_bytes(good)
-    assert sharded.safe_metadata(str(metadata.parent)).state_dict_metadata
+    assert checkpoint.safe_metadata(str(metadata.parent)).state_dict_metadata
 
 
 def test_a_strangers_sharded_values_cannot_run_code(workdir, tmp_path):
-    """DCP stores what is not a tensor (AdamW's learning rate, betas, ...) as pickles in its data files and
-    reads them with torch.load(weights_only=False): a checkpoint whose values would run code is refused in
-    one line before anything is built, and DCP's loading itself goes through torch.load(weights_only=True)."""
+    """DCP stores what is not a tensor (AdamW's learning rate, betas, ...) as pickles in its data files
+    and reads them with torch.load(weights_only=False). A checkpoint whose values would run code is
+    refused in one line before anything is built, and DCP's loading itself goes through
+    torch.load(weights_only=True)."""
     import torch.distributed.checkpoint as dcp
-    run_script('train.py', *TINY, '--fsdp=True', '--max_iters=2', '--eval_interval=2', f'--out_dir={tmp_path / "mine"}', cwd=workdir)
+    run_script('train.py', *TINY, '--fsdp=True', '--max_iters=2', '--eval_interval=2',
+               f'--out_dir={tmp_path / "mine"}', cwd=workdir)
     folder = os.path.realpath(tmp_path / 'mine' / 'ckpt.dcp')
     state = {}
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-    _load_state_dict(state, storage_reader=sharded.SafeReader(folder), planner=sharded.SafeEverythingPlanner(), no_dist=True)
+    _load_state_dict(state, storage_reader=checkpoint.SafeReader(folder),
+                     planner=checkpoint.SafeEverythingPlanner(), no_dist=True)
     marker = tmp_path / 'pwned'
 
     class Reduce:
@@ -191,17 +219,19 @@ def test_a_strangers_sharded_values_cannot_run_code(workdir, tmp_path):
     os.remove(os.path.join(folder, '.metadata'))
     dcp.save(state, checkpoint_id=folder, no_dist=True)
     for script, args in (('sharded.py', [tmp_path / 'mine']),
-                         ('train.py', ['--init_from=resume', f'--out_dir={tmp_path / "mine"}', '--fsdp=True', '--device=cpu'])):
+                         ('train.py', ['--init_from=resume', f'--out_dir={tmp_path / "mine"}', '--fsdp=True',
+                                       '--device=cpu'])):
         result = run_script(script, *args, cwd=workdir, expect_ok=False)
-        assert result.returncode == 1 and 'optimizer.param_groups.0.lr' in result.stderr, (script, result.stderr)
+        assert result.returncode == 1 and 'optimizer.param_groups.0.lr' in result.stderr, \
+            (script, result.stderr)
         assert result.stderr.strip().count('\n') == 0 and not marker.exists(), script
-    planner = sharded.SafePlanner()
+    planner = checkpoint.SafePlanner()
     read = torch.load  # DCP's own planner would load the value with weights_only=False
     with pytest.raises(pickle.UnpicklingError):
         buffer = io.BytesIO()
         torch.save(Reduce(), buffer)
         buffer.seek(0)
-        sharded._load_bytes(planner, None, buffer)
+        checkpoint._load_bytes(planner, None, buffer)
     assert read is torch.load and not marker.exists()
 
 
@@ -212,22 +242,25 @@ from model import GPT, GPTConfig
 import sharded
 dist.init_process_group('gloo')
 rank, world = dist.get_rank(), dist.get_world_size()
-VARIANTS = [dict(), dict(attn_mask='causal'), dict(n_kv_head=1), dict(sink_logit='learned'), dict(sink_token='learned'),
-            dict(pos_enc='alibi', attn_impl='reference'), dict(pos_enc='learned'), dict(pos_enc='none', sm_gamma=0.0, sm_offset=-1.0),
+VARIANTS = [dict(), dict(attn_mask='causal'), dict(n_kv_head=1), dict(sink_logit='learned'),
+            dict(sink_token='learned'), dict(pos_enc='alibi', attn_impl='reference'),
+            dict(pos_enc='learned'), dict(pos_enc='none', sm_gamma=0.0, sm_offset=-1.0),
             dict(attn_mask='causal', sink_logit='zero', attn_impl='triton'), dict(attn_gate='elementwise')]
 for variant in VARIANTS:
     config = GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=50), **variant})
     torch.manual_seed(0)
     whole = GPT(config)
     torch.manual_seed(0)
-    parts = sharded.shard(GPT(config), sharded.mixed_precision('float32'))
-    parts.activation_checkpointing = True
+    parts = GPT(config)
+    sharded.checkpoint_activations(parts)  # before sharding, as train.py applies it
+    parts = sharded.shard(parts, sharded.mixed_precision('float32'))
     x = torch.randint(0, 50, (4, 24), generator=torch.Generator().manual_seed(1))
     whole(x, x)[1].backward()
     parts(x[rank * 2:(rank + 1) * 2], x[rank * 2:(rank + 1) * 2])[1].backward()  # each rank half the batch
     for (name, p), q in zip(whole.named_parameters(), parts.parameters()):
         grad = q.grad.full_tensor()
-        assert torch.allclose(grad, p.grad, rtol=1e-4, atol=1e-6), (variant, name, (grad - p.grad).abs().max().item())
+        assert torch.allclose(grad, p.grad, rtol=1e-4, atol=1e-6), \
+            (variant, name, (grad - p.grad).abs().max().item())
 if rank == 0:
     print('ok', len(VARIANTS))
 dist.destroy_process_group()
@@ -240,7 +273,8 @@ def test_every_attention_path_under_fsdp(tmp_path):
     sharded gives the gradients of the whole batch unsharded."""
     script = tmp_path / 'every_path.py'
     script.write_text(EVERY_PATH)
-    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)],
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                             '--nproc_per_node=2', str(script)],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600,
                             env={**os.environ, 'REPO': REPO, 'OMP_NUM_THREADS': '1'})
     assert result.returncode == 0 and 'ok 10' in result.stdout, result.stderr[-3000:]
@@ -249,7 +283,8 @@ def test_every_attention_path_under_fsdp(tmp_path):
 LOAD_SHARDS = r'''
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, os.environ['REPO'])
-from model import GPT, GPTConfig, load_checkpoint
+from checkpoint import from_pretrained, load_checkpoint
+from model import GPT, GPTConfig
 import sharded
 folder, sharded_load = sys.argv[1], sys.argv[2] == 'sharded'
 if sharded_load:
@@ -265,11 +300,11 @@ if sharded_load:
     model.to_empty(device='cpu')
     sharded.load_pretrained(model, folder)
 else:
-    model = GPT.from_pretrained(folder)
+    model = from_pretrained(folder)
 grown = memory('VmHWM') - before
-print('grown', grown, flush=True)
+print(f'grown {grown}\n', end='', flush=True)  # one write: two ranks' lines do not interleave
 if sharded_load:
-    reference = GPT.from_pretrained(folder).state_dict()
+    reference = from_pretrained(folder).state_dict()
     for name, p in model.named_parameters():
         assert torch.equal(p.full_tensor(), reference[name]), name
     dist.destroy_process_group()
@@ -282,8 +317,9 @@ def test_a_pretrained_folder_is_read_shard_by_shard(tmp_path):
     peak memory grows by about its half of the model's float32 size, where loading it whole grows
     by more than all of it (here a random Llama of 88M parameters, saved in bf16 in 50 MB files)."""
     transformers = pytest.importorskip('transformers')
-    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=6,
-                                      num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                                      num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
+                                      tie_word_embeddings=False)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(tmp_path / 'llama', max_shard_size='50MB')
@@ -291,9 +327,11 @@ def test_a_pretrained_folder_is_read_shard_by_shard(tmp_path):
     script = tmp_path / 'load.py'
     script.write_text(LOAD_SHARDS)
     env = {**os.environ, 'REPO': REPO, 'OMP_NUM_THREADS': '1'}
-    whole = subprocess.run([sys.executable, str(script), str(tmp_path / 'llama'), 'whole'], capture_output=True, text=True, env=env)
-    parts = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script),
-                            str(tmp_path / 'llama'), 'sharded'], capture_output=True, text=True, env=env, timeout=600)
+    whole = subprocess.run([sys.executable, str(script), str(tmp_path / 'llama'), 'whole'],
+                           capture_output=True, text=True, env=env)
+    parts = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                            '--nproc_per_node=2', str(script), str(tmp_path / 'llama'), 'sharded'],
+                           capture_output=True, text=True, env=env, timeout=600)
     assert whole.returncode == 0 and parts.returncode == 0, whole.stderr[-2000:] + parts.stderr[-2000:]
     grown_whole = int(whole.stdout.split()[1])
     grown_ranks = [int(line.split()[1]) for line in parts.stdout.splitlines() if line.startswith('grown')]
@@ -311,17 +349,19 @@ def test_fsdp_fine_tunes_a_pretrained_folder(tmp_path):
     folder = tmp_path / 'llama'
     folder.mkdir()
     tokenizer = train_tokenizer(folder, 300)
-    save_model(folder, 'Llama', vocab_size=tokenizer.get_vocab_size(), num_attention_heads=4, num_key_value_heads=2,
-               eos_token_id=tokenizer.token_to_id('<|endoftext|>'), dtype=torch.bfloat16, shard='100KB')
+    save_model(folder, 'Llama', vocab_size=tokenizer.get_vocab_size(), num_attention_heads=4,
+               num_key_value_heads=2, eos_token_id=tokenizer.token_to_id('<|endoftext|>'),
+               dtype=torch.bfloat16, shard='100KB')
     run_script('prepare_data.py', f'--tokenizer={folder}', cwd=tmp_path)
-    common = [f'--init_from={folder}', '--dataset=pydoc_llama', '--block_size=32', '--batch_size=4', '--eval_iters=2',
-              '--gradient_accumulation_steps=2', '--attn_mask=stablemask', '--device=cpu']
+    common = [f'--init_from={folder}', '--dataset=pydoc_llama', '--block_size=32', '--batch_size=4',
+              '--eval_iters=2', '--gradient_accumulation_steps=2', '--attn_mask=stablemask', '--device=cpu']
     step0 = lambda out: float(out.split('val loss ')[1].split()[0])
     whole = step0(run_script('train.py', *common, '--eval_only=True', cwd=tmp_path).stdout)
-    run_script('train.py', *common, '--fsdp=True', '--max_iters=4', '--eval_interval=4', '--out_dir=out-ft', cwd=tmp_path, torchrun=2)
+    run_script('train.py', *common, '--fsdp=True', '--max_iters=4', '--eval_interval=4', '--out_dir=out-ft',
+               cwd=tmp_path, torchrun=2)
     rows = [json.loads(line) for line in (tmp_path / 'out-ft' / 'log.jsonl').read_text().splitlines()]
     assert rows[0]['iter'] == 0 and abs(rows[0]['val_loss'] - whole) < 1e-4, (rows[0], whole)
     assert load_checkpoint(str(tmp_path / 'out-ft'))['iter_num'] == 4
-    out = run_script('sample.py', '--init_from=out-ft', '--start=The ', '--num_samples=1', '--max_new_tokens=8', '--device=cpu',
-                     cwd=tmp_path).stdout
+    out = run_script('sample.py', '--init_from=out-ft', '--start=The ', '--num_samples=1',
+                     '--max_new_tokens=8', '--device=cpu', cwd=tmp_path).stdout
     assert out.startswith('The ') and out.endswith('\n---------------\n')

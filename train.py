@@ -1,10 +1,10 @@
 """
 Pretrain or fine-tune a StableMask GPT: one process on a CPU or a GPU, or many under torchrun.
 
-    python train.py config/train_shakespeare_char.py                     # one process
+    python train.py config/train_shakespeare_char.py             # one process
     torchrun --standalone --nproc_per_node=8 train.py config/wikitext103_160m.py      # one node
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 \\
-        --master_port=29500 train.py config/pile_1.4b.py                 # node 0 of 2 (node 1: --node_rank=1)
+        --master_port=29500 train.py config/pile_1.4b.py         # node 0 of 2 (node 1: --node_rank=1)
 
 The settings below are overridden by config files, then by --key=value (configurator.py); --help
 lists them. init_from='resume' continues the run in out_dir exactly where it stopped, with the
@@ -34,41 +34,42 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from configurator import check_rules, configure_script
 import run_dir
 import sharded
-from corpus import CorpusError, random_windows
-from model import (CONFIG_CHOICES, GPT, GPTConfig, autocast_for, checkpoint_file, gpu_peak_flops, load_checkpoint,
-                   model_from_checkpoint, resolve_device)
-from prepare_data import PrepareError, dataset_folder, read_dataset, tokenizer_mismatch
+from checkpoint import checkpoint_file, is_sharded, load_checkpoint, model_from_checkpoint, read_whole
+import configurator
+from configurator import autocast_for, check_rules, configure_script, gpu_peak_flops, resolve_device
+from corpus import CorpusError, dataset_folder, random_windows, read_dataset
+from model import CONFIG_CHOICES, GPT, GPTConfig
+from tokenizer import tokenizer_mismatch
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = 'out'
-overwrite = False  # start from scratch (or fine-tune) even where out_dir holds a run: its checkpoint and log are replaced
+overwrite = False  # start afresh (or fine-tune) where out_dir holds a run, replacing its checkpoint and log
 eval_interval = 250  # evaluate, and save out_dir/ckpt.pt, every this many steps
 log_interval = 10
 eval_iters = 50  # batches per evaluation
 eval_only = False
-init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt, with its run's settings), a checkpoint (file or folder), or a Hugging Face LLaMA-family model's folder to fine-tune
-auto_resume = False  # continue the run in out_dir if it holds one, else start as init_from says (a scheduler's requeue)
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir's run), a checkpoint file or folder, a HF LLaMA folder
+auto_resume = False  # continue out_dir's run if there is one, else do as init_from says (scheduler requeues)
 # data
 dataset = 'pydoc_char'  # a folder made by prepare_data.py: a name under data/, or a path
-gradient_accumulation_steps = 1  # micro-batches per step, all processes together: a multiple of the process count
+gradient_accumulation_steps = 1  # micro-batches per step over all processes: a multiple of the process count
 batch_size = 32  # sequences per micro-batch
 block_size = 256
 # model (when resuming or fine-tuning, the architecture is the checkpoint's)
 n_layer = 4
 n_head = 4
-n_kv_head = None  # grouped-query attention: key/value heads, each serving n_head // n_kv_head query heads; None: n_head
+n_kv_head = None  # key/value heads (grouped-query), each for n_head // n_kv_head query heads; None: n_head
 n_embd = 128
 dropout = 0.0
 bias = False
 attn_mask = 'stablemask'  # 'stablemask' or 'causal'
 sm_gamma = None  # None: per-head ALiBi slopes (the paper's); a float: one decay for every head
 sm_offset = 0.0  # added to every pseudo score (with sm_gamma=0.0: the paper's 'constant' pseudo value)
-sink_logit = 'none'  # 'learned': a logit per head of a virtual key of value 0 (gpt-oss); 'zero': softmax off by one
-sink_token = 'none'  # 'learned' or 'fixed': an embedding prepended to every sequence (the paper's sink token baselines)
+sink_logit = 'none'  # 'learned' (gpt-oss) or 'zero' (softmax off by one): logit of a virtual key of value 0
+sink_token = 'none'  # 'learned' or 'fixed': an embedding prepended to each sequence (paper's sink baselines)
 attn_gate = 'none'  # 'elementwise': a sigmoid gate per head and channel on attention's output (Qwen3-Next)
 pos_enc = 'rope'  # 'rope', 'alibi', 'learned', 'none'
 attn_impl = 'auto'  # 'auto', 'triton', 'sdpa', 'reference'
@@ -85,31 +86,37 @@ warmup_iters = 100
 lr_decay_iters = 0  # 0: max_iters
 min_lr = 1e-4
 # turning a causal model into a StableMask one
-mask_warmup_iters = 0  # the pseudo mass grows from none (the causal model, exactly) to StableMask's, linearly over this many steps
-# many processes (torchrun): DDP replicates the model, FSDP shards it
-fsdp = False  # shard weights, gradients and AdamW's state over the processes (FSDP2; checkpoints sharded too, in ckpt.dcp); one process is a world of one
-activation_checkpointing = False  # recompute each block's activations in the backward instead of keeping them (long sequences)
+mask_warmup_iters = 0  # steps to grow the pseudo mass linearly from 0 (the causal model) to StableMask's
+# many processes (torchrun): DDP replicates the model, FSDP shards it (one process: a world of one)
+fsdp = False  # shard weights, gradients, AdamW's state over processes (FSDP2; checkpoints too, in ckpt.dcp)
+activation_checkpointing = False  # recompute each block's activations in the backward (long sequences)
 backend = 'auto'  # 'nccl' on GPUs, 'gloo' on CPUs
-ddp_timeout = 900  # seconds a process waits for the others (rank 0's evaluation, a first compile) before it gives up
+ddp_timeout = 900  # seconds a process waits for the others (rank 0's eval, a first compile) before giving up
 # system
 device = 'auto'  # 'cuda', 'cuda:1', 'cpu', ...; auto: this process's GPU, or the CPU
-dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' (autocast; float16 adds a GradScaler); auto: bf16 on GPUs that have it
+dtype = 'auto'  # float32, bfloat16 or float16 (autocast; float16 adds a GradScaler); auto: bf16 on GPUs
 compile = False  # torch.compile the model
 peak_flops = 0.0  # the hardware's peak FLOP/s for MFU; 0: looked up for A100 / H100 / H200, none on CPUs
 seed = 1337
 # -----------------------------------------------------------------------------
-RULES = dict(  # what each setting allows; configurator.check_rules applies them, to config files and --key=value alike
-    eval_interval='>0', log_interval='>0', eval_iters='>0', gradient_accumulation_steps='>0', batch_size='>0',
-    block_size='>0', n_layer='>0', n_head='>0', n_kv_head='>0', n_embd='>0', dropout='>=0, <1', sm_gamma='>=0', learning_rate='>=0',
-    max_iters='>=0', weight_decay='>=0', beta1='>=0, <1', beta2='>=0, <1', grad_clip='>=0', warmup_iters='>=0',
-    lr_decay_iters='>=0', min_lr='>=0', mask_warmup_iters='>=0', ddp_timeout='>0', peak_flops='>=0', **CONFIG_CHOICES,
+# what each setting allows; configurator.check_rules applies them, to config files and --key=value alike
+RULES = dict(
+    eval_interval='>0', log_interval='>0', eval_iters='>0', gradient_accumulation_steps='>0',
+    batch_size='>0', block_size='>0', n_layer='>0', n_head='>0', n_kv_head='>0', n_embd='>0',
+    dropout='>=0, <1', sm_gamma='>=0', learning_rate='>=0', max_iters='>=0', weight_decay='>=0',
+    beta1='>=0, <1', beta2='>=0, <1', grad_clip='>=0', warmup_iters='>=0', lr_decay_iters='>=0',
+    min_lr='>=0', mask_warmup_iters='>=0', ddp_timeout='>0', peak_flops='>=0', **CONFIG_CHOICES,
     lr_schedule=('cosine', 'linear', 'constant'), backend=('auto', 'nccl', 'gloo'),
     dtype=('auto', 'float32', 'bfloat16', 'float16'))
-ARCHITECTURE = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'bias', 'pos_enc', 'sink_logit', 'sink_token', 'attn_gate')  # a checkpoint's own; never changed by resuming or fine-tuning
-ATTENTION = ('attn_mask', 'sm_gamma', 'sm_offset')  # the same model with another mask: a fine-tune, not a resumed run
+# a checkpoint's own; never changed by resuming or fine-tuning
+ARCHITECTURE = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'bias', 'pos_enc', 'sink_logit', 'sink_token',
+                'attn_gate')
+# the same model with another mask: a fine-tune, not a resumed run
+ATTENTION = ('attn_mask', 'sm_gamma', 'sm_offset')
 ADJUSTABLE = ('block_size', 'dropout') + ATTENTION  # a fine-tune keeps the checkpoint's unless given
 MODEL_DEFAULTS = vars(GPTConfig())  # for checkpoints older than a setting
-WHERE = ('out_dir', 'init_from', 'auto_resume', 'overwrite', 'eval_only')  # what this command does with a run, not the run: never restored
+# what this command does with a run, not the run: never restored
+WHERE = ('out_dir', 'init_from', 'auto_resume', 'overwrite', 'eval_only')
 
 config, given = configure_script(globals(), sys.argv[1:], rules=RULES)
 # the process's place among torchrun's, set after the settings are read so that they never become a
@@ -121,11 +128,9 @@ bar = None  # the progress bar, while training
 
 def fail(message):
     """One line on rank 0 (every process of a torchrun meets the same bad input), exit 1."""
-    if master:
-        if bar is not None:
-            bar.close()  # the progress bar's line ends before the error's
-        print(f"train.py: error: {message}", file=sys.stderr)
-    sys.exit(1)
+    if master and bar is not None:
+        bar.close()  # the progress bar's line ends before the error's
+    configurator.fail(message, quiet=not master)
 
 
 def say(message):
@@ -139,10 +144,13 @@ def resumed_config(checkpoint):
         fail("overwrite=True starts a new run: it does not go with init_from=resume")
     saved = {k: v for k, v in checkpoint.get('config', {}).items() if k in config and k not in WHERE}
     merged = {**config, **saved, **given}
-    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in given.items() if k in saved and saved[k] != v and k != 'init_from']
-    say(f"resuming {out_dir} at step {checkpoint['iter_num']}" + (f"; changed: {', '.join(changed)}" if changed else ''))
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in given.items()
+               if k in saved and saved[k] != v and k != 'init_from']
+    say(f"resuming {out_dir} at step {checkpoint['iter_num']}"
+        + (f"; changed: {', '.join(changed)}" if changed else ''))
     if merged['max_iters'] <= checkpoint['iter_num'] and not merged['eval_only']:
-        say(f"max_iters={merged['max_iters']} is not past the checkpoint's step: nothing to train (raise it to extend the run)")
+        say(f"max_iters={merged['max_iters']} is not past the checkpoint's step: nothing to train "
+            f"(raise it to extend the run)")
     try:
         check_rules(merged, RULES)
     except ValueError as e:
@@ -151,7 +159,7 @@ def resumed_config(checkpoint):
 
 
 def has_checkpoint(folder):
-    return os.path.exists(os.path.join(folder, 'ckpt.pt')) or sharded.is_sharded(folder)
+    return os.path.exists(os.path.join(folder, 'ckpt.pt')) or is_sharded(folder)
 
 
 def check_against_checkpoint(model_args, source):
@@ -159,24 +167,28 @@ def check_against_checkpoint(model_args, source):
     for key in ARCHITECTURE + (ATTENTION if init_from == 'resume' else ()):
         theirs = model_args.get(key, MODEL_DEFAULTS[key])
         if key in given and given[key] != theirs:
-            hint = 'fine-tune it into another out_dir instead' if key in ATTENTION else 'the architecture is the checkpoint\'s'
+            hint = ('fine-tune it into another out_dir instead' if key in ATTENTION
+                    else 'the architecture is the checkpoint\'s')
             fail(f"{key}={given[key]!r}, but {source} has {key}={theirs!r}: {hint}")
 
 
 def read_checkpoint(source):
     """load_checkpoint(source), or one line and exit 1."""
     try:
-        return load_checkpoint(source, 'cpu', weights=not fsdp)  # under FSDP each rank reads its shards later
+        # under FSDP each rank reads its shards later
+        return load_checkpoint(source, 'cpu', weights=not fsdp)
     except ValueError as e:
-        if init_from == 'resume' and not has_checkpoint(out_dir) and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
-            fail(f"{e}: the run there stopped before its first save; the same command without --init_from=resume starts it again")
+        if (init_from == 'resume' and not has_checkpoint(out_dir)
+                and os.path.exists(os.path.join(out_dir, 'log.jsonl'))):
+            fail(f"{e}: the run there stopped before its first save; "
+                 f"the same command without --init_from=resume starts it again")
         fail(e)
 
 
 def torchrun_job():
-    """What the attempts of one torchrun job share and no other job does: its rendezvous id, or where
-    it has none ('none' unless --rdzv_id is given) the torchrun process that starts this node's
-    attempts, our parent. None outside torchrun."""
+    """What the attempts of one torchrun job share and no other job does. That is its rendezvous id,
+    or where it has none ('none' unless --rdzv_id is given) the torchrun process that starts this
+    node's attempts, our parent. None outside torchrun."""
     if 'TORCHELASTIC_RESTART_COUNT' not in os.environ:
         return None
     run_id = os.environ.get('TORCHELASTIC_RUN_ID', 'none')
@@ -191,7 +203,8 @@ checkpoint = None
 if init_from != 'resume' and (auto_resume or restart) and has_checkpoint(out_dir):
     held = read_checkpoint(out_dir)
     if auto_resume or held.get('job') == JOB:
-        say(f"{out_dir}: continuing its run ({'auto_resume' if auto_resume else f'restart {restart} of this torchrun job'})")
+        say(f"{out_dir}: continuing its run "
+            f"({'auto_resume' if auto_resume else f'restart {restart} of this torchrun job'})")
         checkpoint, init_from = held, 'resume'
         for key in ('init_from', 'overwrite'):  # the command line that started the run: not a change to it
             given.pop(key, None)
@@ -211,21 +224,25 @@ if init_from != 'scratch':
 
 # the rest of the settings, checked together before any process group, folder or file is made
 try:
-    GPTConfig(**{k: v for k, v in config.items() if k in MODEL_DEFAULTS})  # the model's own checks, before any data is read
+    # the model's own checks, before any data is read
+    GPTConfig(**{k: v for k, v in config.items() if k in MODEL_DEFAULTS})
     device = resolve_device(device)
 except ValueError as e:
     fail(e)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if init_from == 'resume' and not fsdp and 'sharded' in checkpoint:  # a sharded run continued unsharded: read it whole
-    checkpoint = {**checkpoint, **sharded.read_whole(checkpoint['sharded'])}
+# a sharded run continued unsharded: read it whole
+if init_from == 'resume' and not fsdp and 'sharded' in checkpoint:
+    checkpoint = {**checkpoint, **read_whole(checkpoint['sharded'])}
 if fsdp and dtype == 'float16':
     fail("fsdp=True takes bfloat16 or float32 (float16's loss scaling is not sharded here)")
 if mask_warmup_iters and attn_mask != 'stablemask':
-    fail(f"mask_warmup_iters={mask_warmup_iters} grows StableMask's pseudo mass, but attn_mask={attn_mask!r}: pass --attn_mask=stablemask")
+    fail(f"mask_warmup_iters={mask_warmup_iters} grows StableMask's pseudo mass, "
+         f"but attn_mask={attn_mask!r}: pass --attn_mask=stablemask")
 if gradient_accumulation_steps % world_size:
-    fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not a multiple of the {world_size} processes: "
-         f"pass --gradient_accumulation_steps={world_size * max(1, gradient_accumulation_steps // world_size)} "
-         f"(each process then runs {max(1, gradient_accumulation_steps // world_size)} micro-batch(es) of {batch_size} a step)")
+    fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not a multiple of the "
+         f"{world_size} processes: pass --gradient_accumulation_steps="
+         f"{world_size * max(1, gradient_accumulation_steps // world_size)} (each process then runs "
+         f"{max(1, gradient_accumulation_steps // world_size)} micro-batch(es) of {batch_size} a step)")
 
 # data
 data_dir = dataset_folder(dataset)
@@ -235,18 +252,20 @@ def read_meta(data_dir):
     """meta.json, after checking that the token files are whole and long enough for block_size."""
     try:
         meta = read_dataset(data_dir)
-    except PrepareError as e:
+    except CorpusError as e:
         fail(e)
     for split in ('train', 'val'):
         if meta[f"{split}_tokens"] <= block_size:
-            fail(f"the {split} split of {data_dir} has {meta[f'{split}_tokens']} tokens, too few for block_size {block_size}")
+            fail(f"the {split} split of {data_dir} has {meta[f'{split}_tokens']} tokens, "
+                 f"too few for block_size {block_size}")
     return meta
 
 
 def check_tokenizer(old, source):
     """A checkpoint continues only on data tokenized its way, or its ids would mean other text."""
     if old is None:
-        return say(f"warning: {source} does not say which tokenizer it was trained with; {data_dir}'s is assumed")
+        return say(f"warning: {source} does not say which tokenizer it was trained with; "
+                   f"{data_dir}'s is assumed")
     problem = tokenizer_mismatch(old, meta, source, data_dir)
     if problem:
         fail(problem)
@@ -263,16 +282,18 @@ def key_seed(*key):
 
 
 def batch_generator(*key):
-    """Random numbers that depend only on (seed, *key): a micro-batch is fixed by its step and its index
-    among all processes, so a resumed run, or the same run on any number of processes, sees the same data."""
+    """Random numbers that depend only on (seed, *key). A micro-batch is fixed by its step and its
+    index among all processes, so a resumed run, or the same run on any number of processes, sees
+    the same data."""
     return torch.Generator().manual_seed(key_seed(*key))
 
 
 def get_batch(split, generator):
     path = os.path.join(data_dir, f"{split}.bin")
-    try:  # the ids read are checked against the vocabulary: a mixed or edited dataset is one line
-        x, y = random_windows(path, meta['dtype'], meta[f"{split}_tokens"], block_size, batch_size, generator,
-                              meta['vocab_size'])
+    # the ids read are checked against the vocabulary: a mixed or edited dataset is one line
+    try:
+        x, y = random_windows(path, meta['dtype'], meta[f"{split}_tokens"], block_size, batch_size,
+                              generator, meta['vocab_size'])
     except CorpusError as e:
         if not master:  # each process reads its own batches: the one that meets it says so
             print(f"train.py: error: rank {rank}: {e}", file=sys.stderr)
@@ -299,26 +320,29 @@ elif fsdp:
 gradient_accumulation_steps //= world_size  # now per process
 CHECKPOINT = sharded.LINK if fsdp else 'ckpt.pt'  # what this run saves in out_dir
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
-dtype, autocast = autocast_for(device_type, dtype)
+dtype, autocast = autocast_for(device, dtype)
 if fsdp:
-    autocast = nullcontext()  # FSDP's mixed-precision policy casts the weights instead (sharded.mixed_precision)
+    # FSDP's mixed-precision policy casts the weights instead (sharded.mixed_precision)
+    autocast = nullcontext()
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-model_args = dict(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=meta['vocab_size'], dropout=dropout, attn_mask=attn_mask, sm_gamma=sm_gamma, sm_offset=sm_offset,
-                  sink_logit=sink_logit, sink_token=sink_token, attn_gate=attn_gate, pos_enc=pos_enc, attn_impl=attn_impl)
+model_args = dict(n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
+                  block_size=block_size, bias=bias, vocab_size=meta['vocab_size'], dropout=dropout,
+                  attn_mask=attn_mask, sm_gamma=sm_gamma, sm_offset=sm_offset, sink_logit=sink_logit,
+                  sink_token=sink_token, attn_gate=attn_gate, pos_enc=pos_enc, attn_impl=attn_impl)
 adjusted = {k: model_args[k] for k in ADJUSTABLE + ('attn_impl',)}
 if checkpoint is not None:
     model_args = {**checkpoint['model_args'], **adjusted}
 
 
 def checkpoint_bytes():
-    """About what ckpt.pt will take: float32 weights and AdamW's two moments, 12 bytes a parameter
-    (counted on the meta device: nothing is allocated)."""
+    """About what ckpt.pt will take: float32 weights and AdamW's two moments, 12 bytes a parameter.
+    Counted on the meta device, so nothing is allocated."""
     try:
         with torch.device('meta'):
-            return 12 * GPT(GPTConfig(**{k: v for k, v in model_args.items() if k in MODEL_DEFAULTS})).get_num_params()
+            return 12 * GPT(GPTConfig(
+                **{k: v for k, v in model_args.items() if k in MODEL_DEFAULTS})).get_num_params()
     except ValueError:
         return 0  # model_from_checkpoint below says what does not fit
 
@@ -332,18 +356,21 @@ def out_dir_problem():
         return str(e)
     problem = None
     if init_from != 'resume' and not overwrite and has_checkpoint(out_dir):
-        problem = (f"{out_dir} holds a run already: continue it with --init_from=resume, choose another --out_dir, "
-                   f"or replace it with --overwrite=True")
-    elif init_from not in ('scratch', 'resume') and os.path.abspath(checkpoint_file(init_from)) == os.path.abspath(os.path.join(out_dir, 'ckpt.pt')):
+        problem = (f"{out_dir} holds a run already: continue it with --init_from=resume, "
+                   f"choose another --out_dir, or replace it with --overwrite=True")
+    elif (init_from not in ('scratch', 'resume') and os.path.abspath(checkpoint_file(init_from))
+          == os.path.abspath(os.path.join(out_dir, 'ckpt.pt'))):
         problem = f"init_from={init_from} is the checkpoint this run would write: choose another --out_dir"
     if problem:
         run_dir.release(out_dir_lock, made)
         return problem
-    atexit.register(lambda: run_dir.release(out_dir_lock, () if started else made))  # a run that never started leaves nothing
+    # a run that never started leaves nothing
+    atexit.register(lambda: run_dir.release(out_dir_lock, () if started else made))
     if note:
         say(note)
     if init_from != 'resume' and os.path.exists(os.path.join(out_dir, 'log.jsonl')) and not overwrite:
-        say(f"{out_dir} has a log.jsonl but no checkpoint (a run stopped before its first save): starting there afresh")
+        say(f"{out_dir} has a log.jsonl but no checkpoint (a run stopped before its first save): "
+            f"starting there afresh")
     return None
 
 
@@ -363,10 +390,12 @@ if not eval_only:  # an evaluation only reads the run
 
 # model
 iter_num, best_val_loss = 0, math.inf
-lazy = fsdp and checkpoint is not None and 'model' not in checkpoint  # sharded, or a Hugging Face folder: each rank reads its part
+# sharded, or a Hugging Face folder: each rank reads its part
+lazy = fsdp and checkpoint is not None and 'model' not in checkpoint
 try:
     if init_from == 'scratch':
-        model = GPT(GPTConfig(**model_args))  # every rank alike (the seed); under FSDP each then keeps its shards
+        # every rank alike (the seed); under FSDP each then keeps its shards
+        model = GPT(GPTConfig(**model_args))
     elif lazy:
         with torch.device('meta'):  # no memory until sharded
             model = GPT(GPTConfig(**model_args))
@@ -376,12 +405,14 @@ except ValueError as e:
     fail(f"{checkpoint_file(source)}: {e}" if init_from != 'scratch' else e)
 if init_from != 'scratch':
     if model.config.vocab_size < meta['vocab_size']:
-        fail(f"{data_dir} has a vocabulary of {meta['vocab_size']}, the model's is {model.config.vocab_size}")
+        fail(f"{data_dir} has a vocabulary of {meta['vocab_size']}, "
+             f"the model's is {model.config.vocab_size}")
     if init_from == 'resume':
         iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     else:  # fine-tuning starts a fresh optimizer and schedule
         say(f"fine-tuning {init_from}: {', '.join(f'{k}={model_args[k]}' for k in ADJUSTABLE)}")
-model.activation_checkpointing = activation_checkpointing
+if activation_checkpointing:
+    sharded.checkpoint_activations(model)
 if fsdp:
     model = sharded.shard(model if lazy else model.to(device), sharded.mixed_precision(dtype))
     if lazy:
@@ -412,15 +443,18 @@ if ddp and not fsdp:
 
 
 def save():
-    """out_dir/ckpt.pt, atomically; a disk that refuses it ends the run in one line, the last checkpoint whole."""
+    """Save out_dir/ckpt.pt atomically. A disk that refuses it ends the run in one line, and the last
+    checkpoint stays whole."""
     global saved_at
-    run = dict(model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config, meta=meta, job=JOB)
+    run = dict(model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss,
+               config=config, meta=meta, job=JOB)
     path = os.path.join(out_dir, CHECKPOINT)
     try:
         if fsdp:  # every rank writes its shards
             sharded.save(model, optimizer, run, out_dir, master)
         else:
-            state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
+            state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                         scaler=scaler.state_dict())
             run_dir.save_checkpoint(dict(**state, **run), path)
         # a run resumed in the other form leaves no older checkpoint of the first behind
         if master and fsdp and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
@@ -429,23 +463,25 @@ def save():
             sharded.remove(out_dir)
     except OSError as e:
         free = shutil.disk_usage(out_dir).free / 2**20
-        kept = f"the checkpoint of step {saved_at} is kept" if saved_at is not None else "no checkpoint was saved"
-        fail(f"cannot save {path} at step {iter_num}: {e.strerror or e} ({free:,.0f} MiB free there, a checkpoint takes "
-             f"about {checkpoint_bytes() / 2**20:,.0f} MiB); {kept}")
+        kept = (f"the checkpoint of step {saved_at} is kept" if saved_at is not None
+                else "no checkpoint was saved")
+        fail(f"cannot save {path} at step {iter_num}: {e.strerror or e} ({free:,.0f} MiB free there, "
+             f"a checkpoint takes about {checkpoint_bytes() / 2**20:,.0f} MiB); {kept}")
     saved_at = iter_num
 
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over eval_iters fixed batches of each split (the same batches at every evaluation),
-    or None when a stop is asked for meanwhile: the evaluation is abandoned, not waited for."""
+    """Mean loss over eval_iters fixed batches of each split, the same batches at every evaluation.
+    None when a stop is asked for meanwhile: the evaluation is abandoned, not waited for."""
     raw_model.eval()
     losses = {}
     try:
         for s, split in enumerate(('train', 'val')):
             total = 0.0
             for k in range(eval_iters):
-                if stop_signal is not None if not fsdp else stop_requested():  # FSDP: every rank evaluates, so all decide
+                # FSDP: every rank evaluates, so all decide
+                if stop_signal is not None if not fsdp else stop_requested():
                     return None
                 x, y = get_batch(split, batch_generator(1 + s, k))
                 with autocast:
@@ -457,11 +493,11 @@ def estimate_loss():
 
 
 def pseudo_scale(it):
-    """The share of StableMask's pseudo mass at step it: 0 at the first step of a mask warm-up (the
-    causal model's loss, exactly), then growing linearly to 1. Linear in the mass, not in its log:
-    while the mass is small, what a row gives the virtual key, about mass / (real mass), and so the
-    change to every output, grows in proportion, a step at a time; a ramp of the log would spend
-    most steps at no mass and switch at the end."""
+    """The share of StableMask's pseudo mass at step it. It is 0 at the first step of a mask warm-up
+    (the causal model's loss, exactly), then grows linearly to 1. It is linear in the mass, not in
+    its log: while the mass is small, what a row gives the virtual key (about mass / real mass), and
+    so the change to every output, grows in proportion, a step at a time. A ramp of the log would
+    spend most steps at no mass and switch at the end."""
     return 1.0 if it >= mask_warmup_iters else it / mask_warmup_iters
 
 
@@ -477,31 +513,35 @@ def get_lr(it):
 
 
 def log(record):
-    # strict JSON: a number that is not finite is null (json.dumps would write NaN, which JSON readers refuse)
+    # strict JSON: a number that is not finite is null (json.dumps would write NaN, JSON readers refuse)
     record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(record, allow_nan=False) + '\n')
 
 
 def check_divergence(loss_sum, norm):
-    """End the run, on every process at once, when this step's loss or gradient norm is not finite,
-    before the optimizer takes the step: no weights are made from it, and no checkpoint. Under float16
-    a gradient that overflowed is the GradScaler's to handle (it skips the step and halves its scale):
-    returns whether this step will be skipped; a run diverges there when the loss is not finite, or
-    when the scale falls below 1 (train)."""
-    norm = norm.full_tensor() if hasattr(norm, 'full_tensor') else norm  # under FSDP a DTensor, the same on every rank
+    """End the run, on every process at once, when this step's loss or gradient norm is not finite.
+    This comes before the optimizer takes the step: no weights are made from it, and no checkpoint.
+    Under float16 a gradient that overflowed is the GradScaler's to handle: it skips the step and
+    halves its scale. Returns whether this step will be skipped. Such a run diverges when the loss
+    is not finite, or when the scale falls below 1 (train)."""
+    # under FSDP a DTensor, the same on every rank
+    norm = norm.full_tensor() if hasattr(norm, 'full_tensor') else norm
     bad = torch.stack([~torch.isfinite(loss_sum), ~torch.isfinite(norm)]).float()
     if ddp:
         dist.all_reduce(bad)  # the loss is each process's own
     loss_bad, norm_bad = bad.tolist()
     if loss_bad or (norm_bad and not scaler.is_enabled()):
-        diverged(f"the loss is {loss_sum.item():.4g}" if loss_bad else f"the gradient norm is {norm.item():.4g}")
+        diverged(f"the loss is {loss_sum.item():.4g}" if loss_bad
+                 else f"the gradient norm is {norm.item():.4g}")
     return norm_bad > 0
 
 
 def diverged(what):
-    """One line on rank 0 naming the step and what to try; every process exits 1; the last checkpoint stays."""
-    kept = f"{out_dir}/{CHECKPOINT} still holds step {saved_at}" if saved_at is not None else "no checkpoint was saved"
+    """One line on rank 0 naming the step and what to try, then every process exits 1.
+    The last checkpoint stays."""
+    kept = (f"{out_dir}/{CHECKPOINT} still holds step {saved_at}" if saved_at is not None
+            else "no checkpoint was saved")
     tips = [f"a lower --learning_rate (now {learning_rate:g})", f"more --warmup_iters (now {warmup_iters})"]
     tips += ["--grad_clip=1.0"] if not 0 < grad_clip <= 1 else []
     tips += ["--dtype=bfloat16 or float32"] if dtype == 'float16' else []
@@ -548,18 +588,21 @@ def stop_requested():
 
 def train():
     global iter_num, best_val_loss, bar
-    peak = peak_flops or (gpu_peak_flops(device) if dtype != 'float32' else None)  # float32 runs at a lower peak
+    # float32 runs at a lower peak
+    peak = peak_flops or (gpu_peak_flops(device) if dtype != 'float32' else None)
     bar = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, unit='step')
     t_last, iter_last = time.time(), iter_num
     stopping = False  # with DDP, decided by all processes together at an evaluation or a log step
     while True:
         raw_model.scale_pseudo_mass(pseudo_scale(iter_num))
         if not stopping and (eval_only or iter_num % eval_interval == 0 and iter_num != resumed_at):
-            losses = estimate_loss() if master or fsdp else None  # under DDP the others wait in stop_requested
+            # under DDP the others wait in stop_requested
+            losses = estimate_loss() if master or fsdp else None
             if losses is not None:
                 best_val_loss = min(best_val_loss, losses['val'])
                 if master:
-                    bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, "
+                              f"val loss {losses['val']:.4f}")
                 if master and not eval_only:
                     log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val']))
             if (master or fsdp) and iter_num > 0 and not eval_only:
@@ -574,13 +617,16 @@ def train():
             group['lr'] = lr
         loss_sum = torch.zeros((), device=device)
         for micro_step in range(gradient_accumulation_steps):
-            index = rank * gradient_accumulation_steps + micro_step  # among all processes' micro-batches of the step
+            # among all processes' micro-batches of the step
+            index = rank * gradient_accumulation_steps + micro_step
             x, y = get_batch('train', batch_generator(0, iter_num, index))
-            torch.manual_seed(key_seed(3, iter_num, index))  # dropout too is the micro-batch's, on any number of processes
+            # dropout too is the micro-batch's, on any number of processes
+            torch.manual_seed(key_seed(3, iter_num, index))
             last = micro_step == gradient_accumulation_steps - 1
             if fsdp:
                 model.set_requires_gradient_sync(last)  # reduce-scatter gradients once per step
-            with model.no_sync() if ddp and not fsdp and not last else nullcontext():  # all-reduce gradients once per step
+            # all-reduce gradients once per step
+            with model.no_sync() if ddp and not fsdp and not last else nullcontext():
                 with autocast:
                     loss = model(x, y)[1] / gradient_accumulation_steps
                 scaler.scale(loss).backward()
@@ -589,7 +635,8 @@ def train():
         # the norm tells a diverging run, so it is taken without clipping too (a max of inf scales by 1)
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip or math.inf)
         skipped = check_divergence(loss_sum, norm)
-        scaler.step(optimizer)  # float16: a step whose gradients overflowed is skipped (and the scale halved)
+        # float16: a step whose gradients overflowed is skipped (and the scale halved)
+        scaler.step(optimizer)
         scaler.update()
         if skipped and scaler.get_scale() < 1:
             diverged(f"the gradients overflow float16 even unscaled (loss scale {scaler.get_scale():.3g})")
@@ -610,14 +657,16 @@ def train():
                 tokens_per_sec = (iter_num - iter_last) * tokens_per_iter / (now - t_last)
                 mfu = raw_model.estimate_mfu(tokens_per_sec, block_size, peak * world_size) if peak else None
                 t_last, iter_last = now, iter_num
-                bar.set_postfix(loss=f"{stats[0].item():.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}",
+                bar.set_postfix(loss=f"{stats[0].item():.4f}", lr=f"{lr:.2e}",
+                                tok_s=f"{tokens_per_sec:,.0f}",
                                 **({'mfu': f"{100 * mfu:.1f}%"} if mfu else {}))
                 log(dict(iter=iter_num, loss=stats[0].item(), lr=lr, tokens_per_sec=tokens_per_sec, mfu=mfu))
     bar.close()
     if (master or fsdp) and not eval_only and iter_num != saved_at:
         save()
     if master and stopping:
-        print(f"stopped by a signal at step {iter_num}; saved {out_dir}/{CHECKPOINT} (continue with --init_from=resume)")
+        print(f"stopped by a signal at step {iter_num}; saved {out_dir}/{CHECKPOINT} "
+              f"(continue with --init_from=resume)")
     if ddp or fsdp:
         dist.barrier()  # the others wait for rank 0's last save; gloo can abort on a peer's early exit
         dist.destroy_process_group()
@@ -627,18 +676,23 @@ if master and not eval_only:
     prepare_out_dir()
     started = True
 kv_heads = f" ({cfg.n_kv_head} key/value)" if cfg.n_kv_head not in (None, cfg.n_head) else ''
-say(f"{raw_model.get_num_params() / 1e6:.2f}M parameters: {cfg.n_layer} layers, {cfg.n_head} heads{kv_heads}, d {cfg.n_embd}, "
-    f"{cfg.attn_mask} attention, {cfg.pos_enc} positions, block_size {cfg.block_size}; "
-    f"{tokens_per_iter:,} tokens per step on {world_size} process(es), {device}, {dtype}")
+say(f"{raw_model.get_num_params() / 1e6:.2f}M parameters: {cfg.n_layer} layers, "
+    f"{cfg.n_head} heads{kv_heads}, d {cfg.n_embd}, {cfg.attn_mask} attention, {cfg.pos_enc} positions, "
+    f"block_size {cfg.block_size}; {tokens_per_iter:,} tokens per step on {world_size} process(es), "
+    f"{device}, {dtype}")
 try:
     train()
 except RuntimeError as e:  # gloo reports a peer that froze (ddp_timeout) or died as a RuntimeError
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if not ddp or not (isinstance(e, dist.DistError) or any(w in reason for w in ('gloo', 'Timed out', 'Connection'))):
+    if not ddp or not (isinstance(e, dist.DistError)
+                       or any(w in reason for w in ('gloo', 'Timed out', 'Connection'))):
         raise
-    reason = re.sub(r'^\[[^\]]*\]\s*', '', reason).split('. ')[0]  # gloo's source line off, its first sentence kept
+    # gloo's source line off, its first sentence kept
+    reason = re.sub(r'^\[[^\]]*\]\s*', '', reason).split('. ')[0]
     if bar is not None:
         bar.close()
-    print(f"train.py: error: rank {rank}: lost the other processes ({reason[:200]}); the last checkpoint is "
-          f"{out_dir}/{CHECKPOINT}", file=sys.stderr, flush=True)  # every survivor says so: rank 0 may be the one lost
-    os._exit(1)  # the process group cannot be shut down cleanly without the lost peer (and os._exit flushes nothing)
+    # every survivor says so: rank 0 may be the one lost
+    print(f"train.py: error: rank {rank}: lost the other processes ({reason[:200]}); "
+          f"the last checkpoint is {out_dir}/{CHECKPOINT}", file=sys.stderr, flush=True)
+    # the process group cannot be shut down cleanly without the lost peer (and os._exit flushes nothing)
+    os._exit(1)
