@@ -777,10 +777,15 @@ def test_a_signal_during_an_evaluation_stops_within_seconds(workdir, processes):
     assert time.time() - signalled < 15, 'the evaluation was not abandoned'
     assert 'stopped by a signal at step 40' in stdout, stderr[-2000:]
     assert load_checkpoint(str(out))['iter_num'] == 40
-    # abandoned: no validation row
+    # abandoned: no validation row, and the checkpoint says so
     assert not [r for r in read_log(out) if r['iter'] == 40 and 'val_loss' in r]
+    assert load_checkpoint(str(out))['evaluated'] is False
     if processes == 1:
         assert proc.returncode == 0
+        # so the resumed run does that evaluation, as an uninterrupted run would have
+        run_script('train.py', '--init_from=resume', f'--out_dir={out.name}', '--max_iters=41',
+                   '--eval_iters=2', cwd=workdir)
+        assert [r for r in read_log(out) if r['iter'] == 40 and 'val_loss' in r]
 
 
 def test_a_second_signal_stops_at_once(workdir):

@@ -434,7 +434,9 @@ elif init_from == 'resume' and fsdp:  # a single-file run continued sharded: eac
 elif init_from == 'resume':
     optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
-resumed_at = saved_at = iter_num if init_from == 'resume' else None
+saved_at = iter_num if init_from == 'resume' else None
+# the step whose evaluation a resumed run does not repeat
+resumed_at = saved_at if init_from == 'resume' and checkpoint.get('evaluated', True) else None
 checkpoint = None  # free the memory
 if compile:
     model = torch.compile(model)
@@ -442,12 +444,13 @@ if ddp and not fsdp:
     model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 
 
-def save():
+def save(evaluated=True):
     """Save out_dir/ckpt.pt atomically. A disk that refuses it ends the run in one line, and the last
-    checkpoint stays whole."""
+    checkpoint stays whole. evaluated=False: this step's evaluation is due but a stop came first, so
+    a resumed run does it."""
     global saved_at
     run = dict(model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss,
-               config=config, meta=meta, job=JOB)
+               config=config, meta=meta, job=JOB, evaluated=evaluated)
     path = os.path.join(out_dir, CHECKPOINT)
     try:
         if fsdp:  # every rank writes its shards
@@ -606,7 +609,7 @@ def train():
                 if master and not eval_only:
                     log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val']))
             if (master or fsdp) and iter_num > 0 and not eval_only:
-                save()  # even when a stop abandoned the evaluation
+                save(evaluated=losses is not None)  # even when a stop abandoned the evaluation
             stopping = stop_requested()
             t_last = time.time()  # evaluation is not training time
         if eval_only or iter_num >= max_iters or stopping:
@@ -663,7 +666,8 @@ def train():
                 log(dict(iter=iter_num, loss=stats[0].item(), lr=lr, tokens_per_sec=tokens_per_sec, mfu=mfu))
     bar.close()
     if (master or fsdp) and not eval_only and iter_num != saved_at:
-        save()
+        # a stop can come at a step whose evaluation is due and not yet done
+        save(evaluated=iter_num % eval_interval != 0)
     if master and stopping:
         print(f"stopped by a signal at step {iter_num}; saved {out_dir}/{CHECKPOINT} "
               f"(continue with --init_from=resume)")
