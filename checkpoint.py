@@ -91,8 +91,11 @@ def model_from_checkpoint(checkpoint, **overrides):
     unknown = sorted(args.keys() - GPTConfig.__dataclass_fields__.keys())
     if unknown:
         raise ValueError(f"its model_args hold settings this version does not know: {', '.join(unknown)}")
-    model = GPT(GPTConfig(**args))
-    config = model.config
+    config = GPTConfig(**args)
+    if 'sharded' in checkpoint and 'model' not in checkpoint:
+        with torch.device('meta'):  # before memory goes to a model that the folder's tensors do not fit
+            check_shapes(checkpoint['sharded'], GPT(config))
+    model = GPT(config)
     if 'model' not in checkpoint:  # sharded, or weights=False: read whole into this process now
         state = full_model_state(checkpoint['sharded'], model) if 'sharded' in checkpoint else \
             pretrained_checkpoint(checkpoint['pretrained'])['model']
@@ -144,8 +147,15 @@ def folder_of(path):
 
 def read_run(path):
     """run.json of a sharded checkpoint: model_args, config, meta, iter_num, best_val_loss."""
-    with open(os.path.join(folder_of(path), 'run.json')) as f:
-        return json.load(f)
+    name = os.path.join(folder_of(path), 'run.json')
+    try:
+        with open(name) as f:
+            run = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name} is not valid JSON ({e}): damaged or edited") from None
+    if not isinstance(run, dict) or not isinstance(run.get('model_args'), dict):
+        raise ValueError(f"{name} holds no model_args: not a run of train.py")
+    return run
 
 
 # What DCP's .metadata pickle really holds, as exact (module, name) pairs: nothing else is built, no
@@ -253,11 +263,26 @@ def full_model_state(path, model):
     return state['model']
 
 
+def check_shapes(path, model):
+    """The model's tensors in a sharded checkpoint have the shapes of the model its run.json describes:
+    an edited or foreign folder is one line (ValueError), not DCP's traceback or a vast allocation."""
+    folder = folder_of(path)
+    sizes = {name: tuple(info.size) for name, info in safe_metadata(folder).state_dict_metadata.items()
+             if hasattr(info, 'size')}
+    for name, tensor in model.state_dict().items():
+        size = sizes.get(f'model.{name}')
+        if size != tuple(tensor.shape):
+            raise ValueError(f"{folder}: its tensors do not fit its model_args: {name} is "
+                             f"{'missing' if size is None else size}, the model needs {tuple(tensor.shape)}")
+
+
 def read_whole(path):
     """A sharded checkpoint whole, in this one process, in the single-file form train.py and
     sample.py read: {'model', 'optimizer', 'scaler'} with AdamW's state keyed by parameter number,
     in the order of its groups, as torch.optim keeps it (DCP keys it by parameter name)."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict  # reads everything there is
+    with torch.device('meta'):  # shapes only
+        check_shapes(path, GPT(GPTConfig(**read_run(path)['model_args'])))
     state = {}
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # "torch.distributed is disabled ...": one process, as meant

@@ -19,11 +19,19 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE = os.path.join(REPO, 'testdata', 'shakespeare_excerpt.txt')
 # beside the checkout on the project's machines
 TIKTOKEN_CACHE = os.path.join(REPO, '..', 'shared', 'tiktoken_cache')
-# Under pytest-xdist the cores are split between the workers: more threads than cores makes PyTorch's
-# OpenMP threads spin against each other, a 300-step run then takes minutes instead of seconds.
-THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')))
-os.environ.setdefault('OMP_NUM_THREADS', str(THREADS))
-torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
+
+
+def pytest_configure(config):
+    """Under pytest-xdist the cores are split between the workers (here, not at import: a worker learns
+    how many there are only from config), and the scripts the tests start get their share too. More
+    threads than cores makes PyTorch's OpenMP threads spin against each other at every barrier: the
+    suite then takes three times as long."""
+    workers = getattr(config, 'workerinput', {}).get('workercount', 1)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = min(threads, int(os.environ.get('OMP_NUM_THREADS') or threads))  # a user's lower choice
+    os.environ['OMP_NUM_THREADS'] = str(threads)
+    torch.set_num_threads(threads)
+
 
 # A step of gpu_check.py: every launch of the Triton kernels logged, to count what they compile. In its
 # dry run they are only logged (gpu_check.emulate gives their results), and attn_impl='auto' chooses

@@ -26,6 +26,8 @@ import re
 
 import numpy as np
 
+from tokenizer import GPT2_EOT
+
 WHOLE_CHARS = 8192  # a document up to this long is one section
 SECTION_CHARS = 1024  # a longer one is cut at the first safe place past every this many characters
 READ_CHARS = 1 << 20  # a text file is read this many characters at a time
@@ -336,6 +338,9 @@ def meta_problem(meta):
     chars = meta.get('chars') if isinstance(meta.get('chars'), list) else []
     if meta['tokenizer'] == 'char' and len(chars) != vocab:
         return f"vocab_size is {vocab}, but its character table has {len(chars)} entries"
+    # a model sized to the file's vocabulary would index past it with GPT-2's ids
+    if meta['tokenizer'] == 'gpt2' and vocab != GPT2_EOT + 1:
+        return f"vocab_size is {vocab}, but GPT-2's BPE has {GPT2_EOT + 1:,} tokens"
     if 'max_token_id' in meta and not (type(meta['max_token_id']) is int and meta['max_token_id'] < vocab):
         return (f"its token ids reach {meta['max_token_id']!r} (max_token_id), past its vocab_size of "
                 f"{vocab}: its tokens and meta.json are of two tokenizers, or it was edited")

@@ -118,6 +118,9 @@ def perplexity(model, meta, data_meta, data_dir, device, autocast):
              f"some tokens would never be scored")
     if model.config.pos_enc == 'learned' and window > model.config.block_size:
         fail(f"--block_size={window} is past the model's {model.config.block_size} learned positions")
+    if window > model.config.block_size:  # allowed (extrapolation), but not to be read as the model's own
+        print(f"eval.py: note: windows of {window} tokens, past the {model.config.block_size} the model "
+              f"was trained on: this measures extrapolation", file=sys.stderr)
     nats, count = score(model, ids, window, step, batch_size, device, autocast, progress=not json)
     n_bytes = text_bytes(decode, np.asarray(ids[1:]))
     loss = nats / count

@@ -822,8 +822,7 @@ def claim_row(claim, number, source, key, sign):
     path = os.path.join(results_dir, f"{source}.json")
     if not os.path.exists(path):
         return [claim, number, f"pending (results/{source}.json)", 'pending']
-    with open(path) as f:
-        c = next((c for c in json.load(f)['comparisons'] if c['key'] == key), None)
+    c = next((c for c in read_json(path)['comparisons'] if c['key'] == key), None)
     if c is None:
         raise ValueError(f"{path} has no comparison {key!r}: made by an older experiments.py? run it again")
     low, high = sorted((sign * c['low'], sign * c['high']))
@@ -861,13 +860,23 @@ def refreshed_readme(text):
     return '\n'.join(out)
 
 
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): write it again with its experiment") from None
+
+
 def readme():
     """results_dir/verdict.md from the other results, then every marked table of readme_file refreshed."""
+    # a mistyped folder would make every table pending again
+    if not os.path.isdir(results_dir):
+        raise ValueError(f"results_dir={results_dir} is no folder: name the one the experiments wrote")
     rows = [claim_row(*claim) for claim in CLAIMS]
     sources = {}
     for path in sorted(glob.glob(os.path.join(results_dir, '*.json'))):
-        with open(path) as f:
-            record = json.load(f)
+        record = read_json(path)
         if record['experiment'] != 'verdict':
             sources[record['experiment']] = dict(command=record['command'], commit=record['commit'])
     title = "Each claim, the paper's number, ours (a paired difference [95% interval]) and the verdict"

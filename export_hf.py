@@ -17,7 +17,8 @@ repository's own code and needs nothing else (transformers runs it only with tru
 and refuses it otherwise: such a model never loads as a causal one). A causal RoPE model with none of
 our sinks or gates is a plain LlamaForCausalLM folder (Qwen2ForCausalLM with q, k, v biases), no code.
 The folder is written aside and renamed into place; an existing one is replaced only with
---overwrite=True. --init_from=<the folder> reads it back.
+--overwrite=True, and only when it is an earlier export (never a run's folder, a file, or the folder
+the command runs in). --init_from=<the folder> reads it back.
 """
 
 import ast
@@ -42,7 +43,7 @@ out_dir = ''  # the folder to write
 tokenizer = ''  # where a fine-tuned model's Hugging Face tokenizer is now, if it has moved
 dtype = 'float32'  # of the weights written: 'float32', 'bfloat16', 'float16'
 max_shard_size = '5GB'  # model.safetensors in shards of at most this size past it
-overwrite = False  # replace what is in out_dir
+overwrite = False  # replace an earlier export in out_dir
 # -----------------------------------------------------------------------------
 RULES = dict(dtype=('float32', 'bfloat16', 'float16'))
 
@@ -279,6 +280,8 @@ def export(init_from, out_dir, tokenizer_folder=None, dtype='float32', max_shard
     if os.path.exists(out_dir) and not overwrite:
         raise ExportError(f"{out_dir} exists: pass --overwrite=True to replace it, "
                           f"or choose another --out_dir")
+    if os.path.exists(out_dir):
+        check_replaceable(out_dir)
     model = model_from_checkpoint(checkpoint, attn_impl='sdpa').to(getattr(torch, dtype))
     tmp = aside(out_dir)
     try:
@@ -298,6 +301,28 @@ def export(init_from, out_dir, tokenizer_folder=None, dtype='float32', max_shard
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return arch or 'StableMaskForCausalLM'
+
+
+# what an export writes, and so what overwrite=True may remove
+EXPORTED = re.compile(r'(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens'
+                      r'|vocab)\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|merges\.txt'
+                      r'|tokenizer\.model|chat_template\.(jinja|json)|README\.md|\w+\.py')
+
+
+def check_replaceable(out_dir):
+    """overwrite=True replaces an earlier export only: never a run's folder, a file, or the folder this
+    command runs in."""
+    if not os.path.isdir(out_dir):
+        raise ExportError(f"out_dir={out_dir} is a file, not an earlier export: choose another --out_dir")
+    inside = lambda path: os.path.join(os.path.realpath(path), '')
+    if inside(os.getcwd()).startswith(inside(out_dir)):
+        raise ExportError(f"out_dir={out_dir} holds the current folder: choose another --out_dir")
+    foreign = sorted(e for e in os.listdir(out_dir)
+                     if not (EXPORTED.fullmatch(e) and os.path.isfile(os.path.join(out_dir, e))))
+    if foreign or not os.path.isfile(os.path.join(out_dir, 'config.json')):
+        held = f"it holds {', '.join(foreign[:3])}" if foreign else "it has no config.json"
+        raise ExportError(f"out_dir={out_dir} is not an earlier export ({held}), so --overwrite=True "
+                          f"will not replace it: choose another --out_dir")
 
 
 def tidy(out_dir):

@@ -12,7 +12,7 @@ Checkpoints are checkpoint.py's; this file knows nothing of files, devices or sh
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from types import SimpleNamespace
 
 import torch
@@ -203,6 +203,17 @@ class GPTConfig:
     attn_gate: str = 'none'  # 'elementwise': a sigmoid gate per head and channel on attention's output
 
     def __post_init__(self):
+        # a checkpoint's or a config file's values arrive here: a wrong type is one line, not a traceback
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value is None and field.default is None:
+                continue
+            if field.type is int and not (type(value) is int and value > 0):
+                raise ValueError(f"{field.name}={value!r}: expected a positive whole number")
+            if field.type is float and not (type(value) in (int, float) and math.isfinite(value)):
+                raise ValueError(f"{field.name}={value!r}: expected a number")
+            if field.type in (bool, str, dict) and not isinstance(value, field.type):
+                raise ValueError(f"{field.name}={value!r}: expected a {field.type.__name__}")
         for name, allowed in CONFIG_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")

@@ -493,6 +493,9 @@ def main(argv=None):
                         help='the share of malformed records tolerated')
     parser.error = lambda message: sys.exit(f"prepare_data.py: error: {message}")
     args = parser.parse_args(argv)
+    # train.py's --dataset names a folder under out_dir, nothing outside it
+    if args.name is not None and (os.path.basename(args.name) != args.name or args.name in ('', '.', '..')):
+        parser.error(f"--name={args.name}: a folder's name under --out_dir, not a path")
     source = args.source or ('files' if args.input else 'pydoc')
     try:
         dest, meta = prepare(source, args.input, args.tokenizer, args.name, args.out_dir,

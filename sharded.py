@@ -26,8 +26,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import (LINK, SafePlanner, SafeReader, folder_of, is_sharded, read_run, read_whole,
-                        safe_metadata)
+from checkpoint import (LINK, SafePlanner, SafeReader, check_shapes, folder_of, is_sharded, read_run,
+                        read_whole, safe_metadata)
 from run_dir import atomic_file, save_checkpoint
 
 
@@ -82,6 +82,7 @@ def save(model, optimizer, run, out_dir, master):
 def load(model, optimizer, path):
     """Every rank reads its shards of the model (and of the optimizer's state, if optimizer) from
     the sharded checkpoint at path, whatever the number of processes that wrote it."""
+    check_shapes(path, model)
     model_state, optimizer_state = get_state_dict(model, optimizer) if optimizer is not None else (
         get_state_dict(model, [])[0], None)
     state = {'model': model_state, **({'optimizer': optimizer_state} if optimizer is not None else {})}

@@ -188,6 +188,7 @@ def test_a_subprocess_past_its_time_out_is_stopped_with_its_children(tmp_path):
     assert ended(int((tmp_path / 'child.pid').read_text()))
 
 
+@pytest.mark.slow
 def test_gpu_check_compiles_within_its_budget(tmp_path):
     """--dry_run runs every step on the CPU, the Triton kernels replaced by a logger (and PyTorch for
     their results), and counts what a GPU would compile (the autotuner simulated: every configuration

@@ -646,6 +646,7 @@ def test_minipile_and_pile_from_local_copies(tmp_path):
     (['pile'], "the 'pile' source needs --input"),
     (['--input', 'bad.parquet'], 'bad.parquet: not a parquet file'),
     (['--input', 'nokey.jsonl', '--text_key=body'], "no 'body' string"),
+    (['--name=../../escape'], "--name=../../escape: a folder's name under --out_dir, not a path"),
 ])
 def test_prepare_bad_input(tmp_path, args, message):
     (tmp_path / 'empty.txt').write_text('')

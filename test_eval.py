@@ -115,6 +115,7 @@ def test_stride_trades_speed_for_context(trained):
     assert numbers[4] < numbers[32] and numbers[16] < numbers[32]
 
 
+@pytest.mark.slow
 def test_the_dataset_it_trained_on_by_default_and_bad_input(trained, tmp_path):
     """Without --dataset, the checkpoint's own (its val split), in sentences without --json; bad input
     is one line and exit 1."""
@@ -266,6 +267,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow
 def test_a_local_task_through_eval_py(llama_folder, tmp_path):
     """A multiple-choice task defined here over a local file: eval.py --tasks on the folder gives the
     accuracy lm_eval's hf adapter gives (offline: the harness reads the file, downloads nothing)."""

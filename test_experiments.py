@@ -94,6 +94,7 @@ def test_batches_depend_on_the_seed_and_step_only():
     assert not torch.equal(first[0], experiments.lm_batches(data, 4, 8, seed=2)(6)[0])
 
 
+@pytest.mark.slow
 def test_position(tmp_path):
     out = run_script('experiments.py', 'position', *QUICK, cwd=tmp_path).stdout
     record = results_of(tmp_path, 'position')
@@ -109,6 +110,7 @@ def test_position(tmp_path):
     assert table_rows(out)[1:9] == accuracy
 
 
+@pytest.mark.slow
 def test_sinks(tmp_path):
     run_script('experiments.py', 'sinks', *QUICK, cwd=tmp_path)
     record = results_of(tmp_path, 'sinks')
@@ -154,6 +156,7 @@ def test_quickstart(tmp_path):
     assert len(record['values']['causal, loss, stride 16']) == 2
 
 
+@pytest.mark.slow
 def test_lm(tmp_path, shakespeare_txt):
     for positions in ('rope', 'alibi'):
         run_script('experiments.py', 'lm', *QUICK, f'--positions={positions}',
@@ -172,6 +175,7 @@ def test_lm(tmp_path, shakespeare_txt):
     assert {'StableMask (positional decay) - causal', 'StableMask - learnable sink token'} <= keys
 
 
+@pytest.mark.slow
 def test_a_tiny_experiment_gives_the_same_numbers_twice(tmp_path):
     """Determinism as stated: on one machine, at one thread count, a run's every number comes back."""
     records = []
@@ -183,6 +187,7 @@ def test_a_tiny_experiment_gives_the_same_numbers_twice(tmp_path):
     assert records[0]['values'] == records[1]['values'] and records[0]['tables'] == records[1]['tables']
 
 
+@pytest.mark.slow
 def test_results_are_kept_unless_overwrite(tmp_path, shakespeare_txt):
     """A second run refuses, in one line and before any training, to replace the first's results."""
     (tmp_path / 'results').mkdir()
@@ -203,6 +208,7 @@ def test_bad_settings_get_one_line(tmp_path, args, message):
     assert result.returncode == 1 and message in result.stderr and result.stderr.count('\n') == 1
 
 
+@pytest.mark.slow
 def test_readme_command_copies_each_results_table_under_its_marker(tmp_path):
     """`python experiments.py readme`: the verdict from the results' JSON, then each marked block of the
     README made its file's table (a stale one replaced), or the pending line while there is no file."""
@@ -228,6 +234,15 @@ def test_readme_command_copies_each_results_table_under_its_marker(tmp_path):
     (tmp_path / 'README.md').write_text(text.replace('position.md#2', 'position.md#3'))
     result = run_script('experiments.py', 'readme', cwd=tmp_path, expect_ok=False)
     assert result.returncode == 1 and 'marks table 3 of results/position.md, which has 2' in result.stderr
+    # a mistyped folder, or a damaged file: one line, and the README's tables stay
+    before = (tmp_path / 'README.md').read_text()
+    result = run_script('experiments.py', 'readme', '--results_dir=typo', cwd=tmp_path, expect_ok=False)
+    assert result.returncode == 1 and 'results_dir=typo is no folder' in result.stderr
+    (tmp_path / 'results' / 'position.json').write_text('{"torn')
+    result = run_script('experiments.py', 'readme', cwd=tmp_path, expect_ok=False)
+    assert result.returncode == 1 and 'results/position.json is not valid JSON' in result.stderr
+    assert result.stderr.count('\n') == 1 and (tmp_path / 'README.md').read_text() == before
+    assert not (tmp_path / 'typo').exists()
 
 
 def results_of_verdict(folder):

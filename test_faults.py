@@ -141,9 +141,11 @@ def test_a_dataset_mixed_from_two_tokenizers_is_one_line(char_run, gpt2_offline,
     (dict(vocab_size='76'), "vocab_size is '76', not a positive whole number"),
     (dict(vocab_size=10), 'vocab_size is 10, but its character table has'),
     ('ten characters', 'its token ids reach'),
+    (dict(tokenizer='gpt2', vocab_size=100), "vocab_size is 100, but GPT-2's BPE has 50,257 tokens"),
 ])
 def test_a_meta_json_with_a_wrong_vocab_size_is_one_line(char_run, change, message):
-    """A vocab_size too small for the ids, or not a number: one line from train.py and eval.py."""
+    """A vocab_size too small for the ids, or not a number, or not its tokenizer's: one line from train.py
+    and eval.py."""
     meta = json.loads((char_run / 'data' / 'pydoc_char' / 'meta.json').read_text())
     change = dict(vocab_size=10, chars=meta['chars'][:10]) if change == 'ten characters' else change
     name = 'edited-' + re.sub(r'\W+', '-', message)[:24]

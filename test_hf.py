@@ -274,6 +274,7 @@ def test_a_model_tuned_in_transformers_saves_a_folder_both_load(tmp_path):
         assert relative_error(load_hf(folder, trust_remote_code=True)(x).logits, want) > 1e-3
 
 
+@pytest.mark.slow
 def test_export_script(tmp_path):
     """export_hf.py as a user runs it: the folder (sharded past --max_shard_size), then one line and exit
     1 for a folder already there, a missing checkpoint, no --out_dir, a bad dtype; --overwrite=True
@@ -302,6 +303,29 @@ def test_export_script(tmp_path):
     with safe_open(tmp_path / 'hf' / 'model.safetensors', 'pt') as f:
         assert {f.get_slice(name).get_dtype() for name in f.keys()} == {'BF16'}
     assert sorted(os.listdir(tmp_path)) == ['hf', 'out']
+
+
+def test_overwrite_replaces_only_an_earlier_export(tmp_path, monkeypatch):
+    """--overwrite=True never removes a run's folder, a file, or the folder it runs in."""
+    checkpoint_of(str(tmp_path / 'out' / 'ckpt.pt'), n_embd=64)
+    (tmp_path / 'run').mkdir()
+    for name in ('ckpt.pt', 'log.jsonl', 'config.json'):
+        (tmp_path / 'run' / name).write_text('mine')
+    (tmp_path / 'notes.txt').write_text('mine')
+    monkeypatch.chdir(tmp_path)
+    for out_dir, message in (('run', 'not an earlier export (it holds ckpt.pt, log.jsonl)'),
+                             ('notes.txt', 'is a file')):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            export_hf.export('out', out_dir, overwrite=True)
+    assert all((tmp_path / 'run' / name).read_text() == 'mine' for name in os.listdir(tmp_path / 'run'))
+    assert (tmp_path / 'notes.txt').read_text() == 'mine'
+    export_hf.export('out', 'hf')
+    (tmp_path / 'hf' / 'config.json').write_text('{}')
+    export_hf.export('out', 'hf', overwrite=True)
+    assert json.loads((tmp_path / 'hf' / 'config.json').read_text())
+    monkeypatch.chdir(tmp_path / 'hf')  # an earlier export, but the folder this command runs in
+    with pytest.raises(ValueError, match='holds the current folder'):
+        export_hf.export(str(tmp_path / 'out'), '.', overwrite=True)
 
 
 def test_an_export_stopped_midway_loses_nothing(tmp_path):

@@ -706,6 +706,7 @@ print(f'compiled {len(jobs)}')
 
 @pytest.mark.skipif(DEVICE == 'cuda' or DRY_RUN,
                     reason='on a GPU the kernels are compiled and run by the tests above')
+@pytest.mark.slow
 def test_kernels_compile_for_hopper():
     """The interpreter does not compile the kernels, so without a GPU this is the check that every
     configuration the autotuner can keep compiles for Hopper (sm_90) with no register spills and

@@ -262,6 +262,7 @@ def test_end_of_sequence_from_tokenizer_config(hf_folder, tmp_path):
     assert load_checkpoint(str(folder))['meta']['eot_token'] == eos
 
 
+@pytest.mark.slow
 def test_fine_tune_with_stablemask_then_sample(hf_folder, tmp_path):
     # pydoc's text, with the model's tokenizer
     run_script('prepare_data.py', f'--tokenizer={hf_folder}', cwd=tmp_path)
@@ -356,6 +357,7 @@ def test_real_model_greedy_generation_equals_transformers(real):
     assert 'Paris' in tokenizer.decode(mine)
 
 
+@pytest.mark.slow
 def test_real_model_fine_tunes_into_stablemask_from_its_causal_loss(real, shakespeare_txt, tmp_path):
     """prepare_data.py with the model's tokenizer on one long document (cut where the tokenizer allows,
     so both splits have text), then a StableMask fine-tune with a mask warm-up: its first evaluation

@@ -31,6 +31,7 @@ def alone(workdir):
     return rows_of(workdir / 'out-alone')
 
 
+@pytest.mark.slow
 def test_fsdp_follows_one_process_and_resumes_on_any_number(workdir, alone):
     """FSDP on 2 processes for 20 steps, resumed on 1 (a world of one) to 30, then on 4 to 40: the log
     of one unsharded process, step for step (dropout on), and each save a sharded checkpoint."""
@@ -49,6 +50,7 @@ def test_fsdp_follows_one_process_and_resumes_on_any_number(workdir, alone):
     assert_same_rows(rows_of(out), alone)
 
 
+@pytest.mark.slow
 def test_a_run_changes_between_ddp_and_fsdp_when_it_resumes(workdir, alone):
     """A single-file run resumed with --fsdp=True (each rank keeps its part of the model and of AdamW's
     state), then resumed again with --fsdp=False (the sharded checkpoint read whole): the log of one
@@ -65,6 +67,7 @@ def test_a_run_changes_between_ddp_and_fsdp_when_it_resumes(workdir, alone):
     assert_same_rows(rows_of(out), alone)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir('/proc'), reason='finds the ranks in /proc (Linux)')
 def test_kill_9_during_a_sharded_save_loses_nothing(workdir):
     """kill -9 of every process while they save (every step here): what ckpt.dcp names is whole, the
@@ -166,6 +169,7 @@ def metadata_exploits(marker):
     return exploits
 
 
+@pytest.mark.slow
 def test_a_strangers_sharded_checkpoint_cannot_run_code(workdir, tmp_path):
     """DCP's .metadata is a pickle: ours is read by an unpickler that builds exact (module, name) pairs
     of DCP's classes only, so metadata that would run code is refused, in one line naming the file,
@@ -195,6 +199,23 @@ def test_a_strangers_sharded_checkpoint_cannot_run_code(workdir, tmp_path):
                 and not marker.exists()), script
     metadata.write_bytes(good)
     assert checkpoint.safe_metadata(str(metadata.parent)).state_dict_metadata
+    # a run.json edited to another model: one line from every script, before a byte of it is allocated
+    run_json = metadata.parent / 'run.json'
+    run = json.loads(run_json.read_text())
+    scripts = {'sample.py': [f'--init_from={tmp_path / "mine"}', '--device=cpu'],
+               'sharded.py': [tmp_path / 'mine'],
+               'train.py': ['--init_from=resume', f'--out_dir={tmp_path / "mine"}', '--max_iters=4',
+                            '--fsdp=True', '--device=cpu']}
+    for change, message in ((dict(n_embd=64), 'its tensors do not fit its model_args'),
+                            (dict(n_embd=100_000), 'its tensors do not fit its model_args'),
+                            (dict(n_layer='2'), "n_layer='2': expected a positive whole number")):
+        run_json.write_text(json.dumps({**run, 'model_args': {**run['model_args'], **change}}))
+        # train.py refuses a model of terabytes sooner: its checkpoints would not fit on the disk
+        for script, args in scripts.items() if change != dict(n_embd=100_000) else list(scripts.items())[:2]:
+            result = run_script(script, *args, cwd=workdir, expect_ok=False)
+            assert result.returncode == 1 and message in result.stderr, (script, result.stderr)
+            assert result.stderr.strip().count('\n') == 0, (script, result.stderr)
+    assert not (tmp_path / 'mine' / 'ckpt.pt').exists()
 
 
 def test_a_strangers_sharded_values_cannot_run_code(workdir, tmp_path):
@@ -311,6 +332,7 @@ if sharded_load:
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir('/proc'), reason='reads memory from /proc (Linux)')
 def test_a_pretrained_folder_is_read_shard_by_shard(tmp_path):
     """Under FSDP each rank reads from the safetensors (memory-mapped) only the rows it keeps: its

@@ -12,7 +12,8 @@ settings it was started with (only what this command line gives changes, and is 
 init_from=<checkpoint> fine-tunes that model on `dataset` with a fresh optimizer: the architecture
 is the checkpoint's; block_size, dropout and the attention settings are too unless given here (so a
 causal model can become a StableMask one). A run never replaces another in out_dir unless
-overwrite=True. Ctrl-C or SIGTERM finishes the current step, saves out_dir/ckpt.pt and exits.
+overwrite=True. Ctrl-C or SIGTERM finishes the current step, saves out_dir/ckpt.pt and exits with
+status 130 or 143 (stopped, not finished).
 """
 
 import atexit
@@ -146,6 +147,8 @@ def resumed_config(checkpoint):
     merged = {**config, **saved, **given}
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in given.items()
                if k in saved and saved[k] != v and k != 'init_from']
+    if not (type(checkpoint.get('iter_num')) is int and checkpoint['iter_num'] >= 0):
+        fail(f"{out_dir}: its checkpoint's step is {checkpoint.get('iter_num')!r}, not a whole number")
     say(f"resuming {out_dir} at step {checkpoint['iter_num']}"
         + (f"; changed: {', '.join(changed)}" if changed else ''))
     if merged['max_iters'] <= checkpoint['iter_num'] and not merged['eval_only']:
@@ -426,7 +429,10 @@ cfg = raw_model.config  # what was actually built or loaded, for the start-up li
 optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 if lazy and 'sharded' in checkpoint:
-    sharded.load(model, optimizer if init_from == 'resume' else None, checkpoint['sharded'])
+    try:
+        sharded.load(model, optimizer if init_from == 'resume' else None, checkpoint['sharded'])
+    except ValueError as e:  # a folder edited or damaged since it was saved
+        fail(e)
 elif lazy:
     sharded.load_pretrained(model, checkpoint['pretrained'])
 elif init_from == 'resume' and fsdp:  # a single-file run continued sharded: each rank keeps its part
@@ -700,3 +706,6 @@ except RuntimeError as e:  # gloo reports a peer that froze (ddp_timeout) or die
           f"the last checkpoint is {out_dir}/{CHECKPOINT}", file=sys.stderr, flush=True)
     # the process group cannot be shut down cleanly without the lost peer (and os._exit flushes nothing)
     os._exit(1)
+if stop_signal is not None:
+    # stopped, not finished: 130 after Ctrl-C, 143 after SIGTERM, so that `train.py && ...` stops too
+    sys.exit(128 + stop_signal)
