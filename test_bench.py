@@ -124,6 +124,7 @@ def ended(pid):
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dry_run', [False, True])
 def test_gpu_check_reports_failures_and_time_outs(tmp_path, monkeypatch, capsys, dry_run):
     """A failing test is named with its first error line; a step past its time-out is stopped with
@@ -179,6 +180,7 @@ def test_gpu_check_ctrl_c_stops_its_steps_and_sums_up(tmp_path):
     assert not running
 
 
+@pytest.mark.slow
 def test_a_subprocess_past_its_time_out_is_stopped_with_its_children(tmp_path):
     """conftest.run_command (under run_script and the tests' own subprocesses) kills the whole process
     group at the time-out: a child the command started ends with it."""

@@ -127,6 +127,7 @@ def test_sinks(tmp_path):
     assert (tmp_path / 'out-experiments' / 'data' / 'pydoc_char' / 'meta.json').exists()
 
 
+@pytest.mark.slow
 def test_extrapolation(tmp_path):
     run_script('experiments.py', 'extrapolation', *QUICK, cwd=tmp_path)
     record = results_of(tmp_path, 'extrapolation')
@@ -280,6 +281,7 @@ def test_readme_tables_are_the_results_tables(monkeypatch):
 
 
 
+@pytest.mark.slow
 def test_figures(tmp_path):
     pytest.importorskip('matplotlib')
     run_script('experiments.py', 'sinks', '--steps=2', '--seeds=2', '--eval_batches=1', cwd=tmp_path)

@@ -96,6 +96,7 @@ def test_float32_matches_float64(poisoned, impl, T, D, gamma, alibi, extra):
     check(impl, q, k, v, do, gammas(gamma, H), alibi_slopes(H) if alibi else None, T + extra)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('impl', ['kernel', 'sdpa', 'reference'])
 @pytest.mark.parametrize('H,kv_heads,T,D,alibi,extra', [
     (4, 1, 17, 32, False, 0), (4, 2, 100, 64, True, 0), (6, 2, 257, 32, True, 30), (8, 4, 64, 24, False, 5),
@@ -107,6 +108,7 @@ def test_grouped_query_attention(poisoned, impl, H, kv_heads, T, D, alibi, extra
     check(impl, q, k, v, do, alibi_slopes(H), alibi_slopes(H) if alibi else None, T + extra)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dq', ['atomic', 'separate'])
 @pytest.mark.parametrize('H,kv_heads,T,D,alibi,extra', [
     (3, 3, 1, 32, False, 0), (3, 3, 100, 64, True, 0), (4, 2, 257, 32, True, 30), (2, 1, 129, 128, False, 3),
@@ -559,6 +561,7 @@ def test_autotuner_times_what_fits_the_gpu(monkeypatch):
                 assert tuples(kc.candidates(name, q, D)) == fitting[:1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('impl', ['sdpa', 'triton'])
 def test_torch_compile_fullgraph(impl):
     """torch.compile(model, fullgraph=True) traces both fast paths in one graph (the kernel is a custom

@@ -370,6 +370,7 @@ def test_peak_flops_by_gpu_name(name, flops):
     assert peak_flops_of(name) == flops
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pos_enc', ['rope', 'alibi'])
 def test_fixed_cache_compiles_the_decode_step_once(pos_enc):
     """sample.py --compile=True: with the fixed cache, the compiled forward gives eager's tokens
@@ -475,6 +476,7 @@ def test_generate_takes_lists_of_any_length_and_ends_each_row():
         model.generate([[1, 2], []], 5)
 
 
+@pytest.mark.slow
 def test_padded_prompts_compile_the_decode_step_once():
     """sample.py --compile=True with prompts of different lengths: the fixed cache's ring is shared,
     its mask hides each row's padding; the compiled forward gives eager's tokens past block_size, in

@@ -388,6 +388,7 @@ def test_real_model_fine_tunes_into_stablemask_from_its_causal_loss(real, shakes
     assert not (tmp_path / 'out-eval').exists()
 
 
+@pytest.mark.slow
 def test_real_model_chats(real, tmp_path):
     """--chat=True puts the prompt in the folder's chat template (rendered in jinja2's sandbox) and the
     answer ends at the end of its turn; --show_special=True writes the template's tokens."""

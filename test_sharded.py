@@ -106,6 +106,7 @@ def test_kill_9_during_a_sharded_save_loses_nothing(workdir):
             == ['ckpt.dcp', f'ckpt.dcp.{saved + 2}'])
 
 
+@pytest.mark.slow
 def test_sample_reads_a_sharded_checkpoint_and_one_command_consolidates_it(workdir, alone):
     out = workdir / 'out-fsdp'
     if not (out / 'ckpt.dcp').exists():
@@ -363,6 +364,7 @@ def test_a_pretrained_folder_is_read_shard_by_shard(tmp_path):
           f"each of 2 ranks +{max(grown_ranks) / 2**20:.0f} MiB")
 
 
+@pytest.mark.slow
 def test_fsdp_fine_tunes_a_pretrained_folder(tmp_path):
     """train.py --fsdp=True --init_from=<Hugging Face folder> on 2 processes: the model is built on the
     meta device and each rank reads its shards; its first evaluation is the whole model's, and it

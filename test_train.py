@@ -58,6 +58,7 @@ def trained(workdir):
 # train.py and sample.py
 
 
+@pytest.mark.slow
 def test_train_loss_falls_then_sample(workdir, trained):
     log = read_log(trained)
     val = [r['val_loss'] for r in log if 'val_loss' in r]
@@ -153,6 +154,7 @@ def test_sigterm_saves_and_resume_is_exact(workdir):
     assert after_stop(full) == after_stop(part) and after_stop(full)[-1][0] == 300
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_follow_one(workdir):
     """Two processes with gloo, each accumulating half, see the same batches as one process doing all of
     it, so the loss curves agree (to float summation order)."""
@@ -168,6 +170,7 @@ def test_torchrun_two_processes_follow_one(workdir):
                 assert b[key] == pytest.approx(a[key], rel=1e-4), (a, b)
 
 
+@pytest.mark.slow
 def test_finetune_causal_model_as_stablemask(workdir, tmp_path):
     run_script('train.py', *TINY, '--attn_mask=causal', '--max_iters=30', '--eval_interval=30',
                '--out_dir=out-causal', cwd=workdir)
@@ -198,6 +201,7 @@ def test_finetune_causal_model_as_stablemask(workdir, tmp_path):
             in result.stderr)
 
 
+@pytest.mark.slow
 def test_mask_warmup_starts_from_the_causal_model(workdir):
     """A causal model fine-tuned into StableMask with mask_warmup_iters starts at the causal model's
     loss (its pseudo mass starts at none); switched at once, the loss jumps."""
@@ -401,6 +405,7 @@ def log_rows(out_dir):
     return [{k: v for k, v in r.items() if k not in ('tokens_per_sec', 'mfu')} for r in read_log(out_dir)]
 
 
+@pytest.mark.slow
 def test_resume_restores_the_run_and_extends_it(workdir):
     """--init_from=resume with nothing but out_dir and a longer max_iters continues the run with the
     settings it was started with (here a learned-position model of block_size 32 and a constant
@@ -435,6 +440,7 @@ def test_resume_restores_the_run_and_extends_it(workdir):
     assert result.returncode == 1 and 'n_embd=64, but out-short/ckpt.pt has n_embd=32' in result.stderr
 
 
+@pytest.mark.slow
 def test_a_new_run_does_not_replace_an_old_one(workdir, trained, tmp_path):
     out = tmp_path / 'out-old'
     out.mkdir()
@@ -524,6 +530,7 @@ def test_past_block_size_the_model_predicts_as_well_as_within_it(workdir):
     assert window[:33] == whole[:33] and window != whole
 
 
+@pytest.mark.slow
 def test_torchrun_with_a_cpu_config(workdir):
     """The CPU config under torchrun says, once, what to pass; the README's command then runs."""
     config = os.path.join(REPO, 'config', 'train_pydoc_char.py')
@@ -555,6 +562,7 @@ def worker_pids(launcher_pid):
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir('/proc'), reason='finds the worker processes in /proc (Linux)')
 @pytest.mark.parametrize('fault', ['frozen', 'killed'])
 def test_a_lost_peer_ends_the_run_with_one_line(workdir, fault):
@@ -656,6 +664,7 @@ def logged_step(out_dir, step):
                                          for line in path.read_text().splitlines())
 
 
+@pytest.mark.slow
 def test_one_run_at_a_time_in_a_folder(workdir):
     """A second run in a folder a run is using is refused, resumed or not; after a kill -9 of the
     first, the next run takes over its lock and says so."""
@@ -759,6 +768,7 @@ def test_a_save_the_disk_refuses_keeps_the_last_checkpoint(workdir):
             and sorted(p.name for p in out.iterdir()) == ['ckpt.pt', 'log.jsonl', 'train.lock'])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('processes', [1, 2])
 def test_a_signal_during_an_evaluation_stops_within_seconds(workdir, processes):
     """SIGTERM while rank 0 evaluates (100,000 batches: minutes): the evaluation is abandoned, the
@@ -823,6 +833,7 @@ def strict_rows(out_dir):
         return [json.loads(line, parse_constant=refuse) for line in f]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('processes', [1, 2])
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(workdir, processes):
     """A run resumed with a learning rate that makes it diverge stops at the step its loss or gradient
@@ -878,6 +889,7 @@ def test_torchrun_restarts_continue_the_run(workdir):
     assert_same_rows(rows_of(out), rows_of(workdir / 'out-uninterrupted'))
 
 
+@pytest.mark.slow
 def test_a_restart_does_not_continue_another_jobs_run(workdir):
     """A job whose first attempt was refused (the folder holds an earlier run) is refused again on its
     restart: a restart continues only the run its own job started."""
