@@ -771,12 +771,12 @@ def quickstart():
                            'nats' if c.startswith('loss') else 'bits per byte') for c in columns]
     rows = [[mask] + [spread(values[mask, c], 4) for c in columns] for mask in ('causal', 'stablemask')]
     rows.append(['StableMask - causal'] + [f"{interval(c, 4)} {c['word']}" for c in comparisons])
-    minutes = {mask: np.mean(values[mask, 'train minutes']) for mask in ('causal', 'stablemask')}
+    # no training times here: a wall clock on a shared machine measures its neighbours (bench.py
+    # times the two masks side by side); each run's minutes stay in the JSON's values
     title = (f"The quickstart's model (config/train_pydoc_char.py: 4 layers, d 128, block_size 128, "
              f"{n_steps} steps), the whole val split of pydoc_char ({len(ids) - 1:,} predictions, "
              f"{n_bytes:,} bytes) by eval.py's windows; mean ± SD over {len(run_seeds)} seeds, and the "
-             f"paired difference [95% interval]. Training took {minutes['causal']:.1f} min causal, "
-             f"{minutes['stablemask']:.1f} min StableMask, at {threads} thread(s)")
+             f"paired difference [95% interval]")
     tables = [dict(title=title, header=['model'] + columns, rows=rows)]
     flat = {f"{mask}, {c}": v for (mask, c), v in values.items()}
     return dict(seeds=run_seeds, steps=n_steps, tables=tables, values=flat, comparisons=comparisons,
