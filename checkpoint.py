@@ -71,6 +71,13 @@ def load_checkpoint(path, device='cpu', weights=True):
     return checkpoint
 
 
+def missing_tokenizer(path):
+    """The line for a checkpoint that holds no tokenizer description (meta), by what path is."""
+    if is_pretrained_folder(path):
+        return f"{path} has no tokenizer.json beside its config.json: copy the model's tokenizer files there"
+    return f"{path} holds no tokenizer description (meta); was it written by train.py?"
+
+
 def load_model(path, device='cpu', **overrides):
     """(the GPT, its checkpoint) of load_checkpoint(path), GPTConfig fields overridden. Raises
     ValueError, one line (naming the file where its tensors are what is wrong)."""

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import load_model
+from checkpoint import load_model, missing_tokenizer
 from configurator import autocast_for, configure_script, fail, resolve_device
 from corpus import CorpusError, check_ids, dataset_folder, read_dataset
 from tokenizer import TokenizerError, tokenizer_from_meta, tokenizer_mismatch
@@ -138,7 +138,7 @@ def main():
     except ValueError as e:
         fail(e)
     if not checkpoint.get('meta'):
-        fail(f"{init_from} holds no tokenizer description (meta); was it written by train.py?")
+        fail(missing_tokenizer(init_from))
     torch.manual_seed(seed)
     dtype, autocast = autocast_for(device, dtype)
     model.eval().to(device)

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import load_model, missing_tokenizer
 from configurator import autocast_for, configure_script, fail, resolve_device
 from tokenizer import TokenizerError, chat_prompt, tokenizer_from_meta
 
@@ -68,7 +68,7 @@ dtype, autocast = autocast_for(device, dtype)
 torch.manual_seed(seed)
 meta = checkpoint.get('meta')
 if not meta:
-    fail(f"{init_from} holds no tokenizer description (meta); was it written by train.py?")
+    fail(missing_tokenizer(init_from))
 model.eval().to(device)
 # the forward generation calls, with a fixed-shape cache: a graph for the prompt, one for each decode step
 if compile:

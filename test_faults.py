@@ -88,6 +88,14 @@ def test_a_broken_hugging_face_folder_is_one_line_in_every_script(hf_folder, tmp
         assert message in one_line(result, script), (name, result.stderr[-2000:])
         assert not (tmp_path / 'out').exists(), name  # refused before the run's folder is made
 
+
+def test_a_hugging_face_folder_without_its_tokenizer_says_so(hf_folder, tmp_path):
+    folder = tmp_path / 'no-tokenizer'
+    shutil.copytree(hf_folder, folder)
+    (folder / 'tokenizer.json').unlink()
+    result = run_script('sample.py', f'--init_from={folder}', '--device=cpu', cwd=tmp_path, expect_ok=False)
+    assert f'{folder} has no tokenizer.json beside its config.json' in one_line(result, 'sample.py')
+
 # ---------------------------------------------------------------------------------------------------
 # datasets: a meta.json of one tokenizer with the tokens of another, a meta.json edited
 
