@@ -130,8 +130,9 @@ def configure_script(namespace, argv, nullable=(), rules=None):
         except BrokenPipeError:  # `--help | head`: the reader had enough
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
-    settings = {k: v for k, v in namespace.items()
-                if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+    # constants (UPPER_CASE, imported or the script's own) are not settings
+    settings = {k: v for k, v in namespace.items() if not k.startswith('_') and not k.isupper()
+                and isinstance(v, (int, float, bool, str, type(None)))}
     try:
         given = read_overrides(settings, argv, nullable)
         config = {**settings, **given}

@@ -35,7 +35,7 @@ import torch
 from checkpoint import checkpoint_file, load_checkpoint, model_from_checkpoint
 from configurator import configure_script, fail
 from run_dir import process_alive
-from tokenizer import GPT2_EOT, file_sha256, gpt2_encoding, read_json
+from tokenizer import GPT2_EOT, check_tokenizer_folder, file_sha256, gpt2_encoding, read_json
 
 # -----------------------------------------------------------------------------
 init_from = 'out'  # a run's folder, a checkpoint file, a sharded checkpoint
@@ -273,6 +273,7 @@ def export(init_from, out_dir, tokenizer_folder=None, dtype='float32', max_shard
     if not meta or meta.get('tokenizer') not in ('gpt2', 'char', 'hf'):
         raise ExportError(f"{checkpoint_file(init_from)} holds no tokenizer description (meta), which the "
                           f"folder's tokenizer is made from")
+    check_tokenizer_folder(meta, tokenizer_folder)
     out_dir = os.path.abspath(out_dir)
     tidy(out_dir)
     if os.path.realpath(checkpoint_file(init_from)).startswith(os.path.realpath(out_dir) + os.sep):

@@ -162,6 +162,25 @@ def test_a_meta_json_with_a_wrong_vocab_size_is_one_line(char_run, change, messa
     for line in train_and_evaluate(char_run, name):
         assert f'data/{name}/meta.json: {message}' in line
 
+
+def test_a_tokenizer_folder_for_a_character_model_is_one_line(char_run, hf_folder):
+    """--tokenizer names where a Hugging Face tokenizer has moved; a character model has none, so a
+    folder given for it is refused, not silently ignored."""
+    message = (f"--tokenizer={hf_folder}: this model's tokenizer is char, kept in its checkpoint; "
+               "--tokenizer is for a Hugging Face tokenizer's folder")
+    scripts = [['sample.py', '--max_new_tokens=2', '--device=cpu'],
+               ['eval.py', '--dataset=pydoc_char', '--device=cpu']]
+    try:
+        import transformers  # noqa: F401
+        scripts.append(['export_hf.py', '--out_dir=hf-out'])
+    except ImportError:
+        pass
+    for script, *args in scripts:
+        result = run_script(script, '--init_from=out', f'--tokenizer={hf_folder}', *args,
+                            cwd=char_run, expect_ok=False)
+        assert message in one_line(result, script)
+    assert not (char_run / 'hf-out').exists()
+
 # ---------------------------------------------------------------------------------------------------
 # a log cut short: run_dir.trim_log
 

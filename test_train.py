@@ -265,6 +265,16 @@ def test_train_bad_input(tmp_path, args, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing left behind
 
 
+@pytest.mark.parametrize('script', ['train.py', 'sample.py', 'eval.py', 'export_hf.py', 'bench.py'])
+def test_constants_are_not_settings(tmp_path, script):
+    """A script's UPPER_CASE names (its own constants, or imported ones such as GPT2_EOT) are neither
+    settable nor listed among the known keys."""
+    result = run_script(script, '--bogus=1', cwd=tmp_path, expect_ok=False)
+    keys = result.stderr.split('known keys: ')[1].strip().split(', ')
+    assert result.returncode == 1 and ('init_from' in keys or 'quick' in keys), result.stderr
+    assert not [k for k in keys if k.isupper()], keys
+
+
 @pytest.mark.parametrize('args,message', [
     (['--top_k=0'], 'top_k=0: must be >0'),
     (['--temperature=-1'], 'temperature=-1.0: must be >=0'),

@@ -67,11 +67,20 @@ def hf_tokenizer_meta(folder):
     return dict(meta, vocab_size=max(tokenizer.get_vocab_size(with_added_tokens=True), largest + 1))
 
 
+def check_tokenizer_folder(meta, folder):
+    """A folder given (--tokenizer) for a model that never had a Hugging Face tokenizer is a mistake,
+    not a hint: refused rather than ignored."""
+    if folder and meta['tokenizer'] != 'hf':
+        raise TokenizerError(f"--tokenizer={folder}: this model's tokenizer is {meta['tokenizer']}, "
+                             "kept in its checkpoint; --tokenizer is for a Hugging Face tokenizer's folder")
+
+
 def tokenizer_from_meta(meta, folder=None, show_special=None):
     """(encode: str -> list of ids, decode: list of ids -> str) for the tokenizer a meta.json (or a
     checkpoint's meta) names. folder: where a Hugging Face tokenizer is now, if it has moved.
     show_special: whether decode writes special tokens (<|endoftext|>, <|im_start|>, ...); None:
     each tokenizer's own way (GPT-2's does, a Hugging Face tokenizer's does not)."""
+    check_tokenizer_folder(meta, folder)
     if meta['tokenizer'] == 'gpt2':
         enc = gpt2_encoding()
         hidden = set() if show_special in (None, True) else {GPT2_EOT}
