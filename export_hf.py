@@ -298,6 +298,7 @@ def export(init_from, out_dir, tokenizer_folder=None, dtype='float32', max_shard
         if not arch:
             write_code(tmp)
         write_card(tmp, os.path.basename(out_dir), arch, model.config)
+        usual_modes(tmp)
         replace_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -347,6 +348,16 @@ def aside(out_dir):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     return tmp
+
+
+def usual_modes(folder):
+    """The folder's files readable as the user's umask allows, as any file they write: safetensors
+    writes its own 0600, which would keep a model meant to be shared from everyone else."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False):
+            os.chmod(entry.path, 0o666 & ~umask)
 
 
 def replace_folder(tmp, out_dir):

@@ -303,6 +303,11 @@ def test_export_script(tmp_path):
     with safe_open(tmp_path / 'hf' / 'model.safetensors', 'pt') as f:
         assert {f.get_slice(name).get_dtype() for name in f.keys()} == {'BF16'}
     assert sorted(os.listdir(tmp_path)) == ['hf', 'out']
+    # the weights readable by whom the umask allows, as every other file (safetensors writes 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / 'hf').iterdir()} == {
+        p.name: 0o666 & ~umask for p in (tmp_path / 'hf').iterdir()}
 
 
 def test_overwrite_replaces_only_an_earlier_export(tmp_path, monkeypatch):
