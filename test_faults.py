@@ -284,3 +284,22 @@ def test_ctrl_c_while_sampling_keeps_the_text(hf_folder, tmp_path):
     assert re.fullmatch(r'sample\.py: interrupted after \d+ new tokens', last), stderr
     text = (streamed + rest).decode()  # whole characters: nothing written twice or cut
     assert text.startswith('The ') and len(streamed + rest) > 200 and text.endswith('\n---------------\n')
+
+# ---------------------------------------------------------------------------------------------------
+# the README's Reliability table names its tests
+
+
+def test_every_reliability_row_names_tests_that_exist():
+    """Each row's last cell names tests (`file::test`, or `::test` in the file named before it); a test
+    renamed or removed would leave a row that promises what nothing checks."""
+    readme = open(os.path.join(REPO, 'README.md')).read()
+    section = readme.split('\n## Reliability\n')[1].split('\n## ')[0]
+    rows = [line for line in section.splitlines() if line.startswith('| ') and '::' in line]
+    assert len(rows) > 20
+    for row in rows:
+        file = None
+        for name in re.findall(r'`([\w.]*::\w+)`', row.rsplit(' | ', 1)[1]):
+            file, test = (name.split('::') if not name.startswith('::') else (file, name[2:]))
+            assert file, row
+            source = open(os.path.join(REPO, file)).read()
+            assert re.search(rf'^def {test}\(', source, re.M), (file, test)
