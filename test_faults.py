@@ -164,10 +164,13 @@ def test_a_meta_json_with_a_wrong_vocab_size_is_one_line(char_run, change, messa
 
 
 def test_a_tokenizer_folder_for_a_character_model_is_one_line(char_run, hf_folder):
-    """--tokenizer names where a Hugging Face tokenizer has moved; a character model has none, so a
-    folder given for it is refused, not silently ignored."""
-    message = (f"--tokenizer={hf_folder}: this model's tokenizer is char, kept in its checkpoint; "
-               "--tokenizer is for a Hugging Face tokenizer's folder")
+    """--tokenizer names where a Hugging Face tokenizer has moved; a character or GPT-2 model has none,
+    so a folder given for it is refused, not silently ignored."""
+    from tokenizer import TokenizerError, tokenizer_from_meta
+    message = (f"--tokenizer={hf_folder}: this model's tokenizer is char, which needs no folder; "
+               "--tokenizer names where a Hugging Face tokenizer has moved")
+    with pytest.raises(TokenizerError, match="this model's tokenizer is gpt2, which needs no folder"):
+        tokenizer_from_meta(dict(tokenizer='gpt2'), str(hf_folder))
     scripts = [['sample.py', '--max_new_tokens=2', '--device=cpu'],
                ['eval.py', '--dataset=pydoc_char', '--device=cpu']]
     try:
@@ -298,7 +301,9 @@ def test_every_reliability_row_names_tests_that_exist():
     assert len(rows) > 20
     for row in rows:
         file = None
-        for name in re.findall(r'`([\w.]*::\w+)`', row.rsplit(' | ', 1)[1]):
+        names = re.findall(r'`([^`]*::[^`]*)`', row.rsplit(' | ', 1)[1])
+        assert names and all(re.fullmatch(r'[\w.]*::\w+', name) for name in names), row
+        for name in names:
             file, test = (name.split('::') if not name.startswith('::') else (file, name[2:]))
             assert file, row
             source = open(os.path.join(REPO, file)).read()

@@ -71,8 +71,8 @@ def check_tokenizer_folder(meta, folder):
     """A folder given (--tokenizer) for a model that never had a Hugging Face tokenizer is a mistake,
     not a hint: refused rather than ignored."""
     if folder and meta['tokenizer'] != 'hf':
-        raise TokenizerError(f"--tokenizer={folder}: this model's tokenizer is {meta['tokenizer']}, "
-                             "kept in its checkpoint; --tokenizer is for a Hugging Face tokenizer's folder")
+        raise TokenizerError(f"--tokenizer={folder}: this model's tokenizer is {meta['tokenizer']}, which "
+                             "needs no folder; --tokenizer names where a Hugging Face tokenizer has moved")
 
 
 def tokenizer_from_meta(meta, folder=None, show_special=None):
