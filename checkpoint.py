@@ -12,7 +12,6 @@ Checkpoints, in every form this project reads, loaded so that a stranger's canno
 """
 
 import io
-import json
 import os
 import pickle
 import warnings
@@ -23,6 +22,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _Em
 
 from model import GPT, GPTConfig
 from pretrained import is_pretrained_folder, pretrained_args, pretrained_checkpoint
+from tokenizer import read_json
 
 LINK = 'ckpt.dcp'  # in a run's folder: the link to its sharded checkpoint
 
@@ -154,14 +154,10 @@ def folder_of(path):
 
 def read_run(path):
     """run.json of a sharded checkpoint: model_args, config, meta, iter_num, best_val_loss."""
-    name = os.path.join(folder_of(path), 'run.json')
-    try:
-        with open(name) as f:
-            run = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{name} is not valid JSON ({e}): damaged or edited") from None
-    if not isinstance(run, dict) or not isinstance(run.get('model_args'), dict):
-        raise ValueError(f"{name} holds no model_args: not a run of train.py")
+    folder = folder_of(path)
+    run = read_json(folder, 'run.json')
+    if not isinstance(run.get('model_args'), dict):
+        raise ValueError(f"{folder}/run.json holds no model_args: not a run of train.py")
     return run
 
 

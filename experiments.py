@@ -35,11 +35,12 @@ import numpy as np
 import torch
 
 import model as model_module
-from checkpoint import from_pretrained
+from checkpoint import from_pretrained, load_model
 from configurator import configure_script, resolve_device
 from model import GPT, GPTConfig, repeat_kv, stablemask_weights
 from prepare_data import PrepareError, prepare
 from run_dir import atomic_file
+from tokenizer import read_json, tokenizer_from_meta
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-experiments'  # figures, and the tokenized data
@@ -734,9 +735,7 @@ def quickstart():
     """train.py config/train_pydoc_char.py with each mask on paired seeds (a seed fixes the batches
     and the initial weights, which StableMask does not change), then the perplexity of the whole
     validation split by eval.py's windows at three strides, and bits per byte."""
-    from checkpoint import load_model
     from eval import score, text_bytes
-    from tokenizer import tokenizer_from_meta
     n_steps, run_seeds = steps or 500, seed_list(3)
     _, val_ids, meta = token_data('pydoc', 'char')
     data = os.path.join(out_dir, 'data', 'pydoc_char')
@@ -822,7 +821,7 @@ def claim_row(claim, number, source, key, sign):
     path = os.path.join(results_dir, f"{source}.json")
     if not os.path.exists(path):
         return [claim, number, f"pending (results/{source}.json)", 'pending']
-    c = next((c for c in read_json(path)['comparisons'] if c['key'] == key), None)
+    c = next((c for c in read_json(results_dir, f"{source}.json")['comparisons'] if c['key'] == key), None)
     if c is None:
         raise ValueError(f"{path} has no comparison {key!r}: made by an older experiments.py? run it again")
     low, high = sorted((sign * c['low'], sign * c['high']))
@@ -860,14 +859,6 @@ def refreshed_readme(text):
     return '\n'.join(out)
 
 
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): write it again with its experiment") from None
-
-
 def readme():
     """results_dir/verdict.md from the other results, then every marked table of readme_file refreshed."""
     # a mistyped folder would make every table pending again
@@ -876,7 +867,7 @@ def readme():
     rows = [claim_row(*claim) for claim in CLAIMS]
     sources = {}
     for path in sorted(glob.glob(os.path.join(results_dir, '*.json'))):
-        record = read_json(path)
+        record = read_json(results_dir, os.path.basename(path))
         if record['experiment'] != 'verdict':
             sources[record['experiment']] = dict(command=record['command'], commit=record['commit'])
     title = "Each claim, the paper's number, ours (a paired difference [95% interval]) and the verdict"

@@ -32,7 +32,7 @@ import sys
 
 import torch
 
-from checkpoint import checkpoint_file, load_checkpoint, model_from_checkpoint
+from checkpoint import checkpoint_file, load_checkpoint, missing_tokenizer, model_from_checkpoint
 from configurator import configure_script, fail
 from run_dir import process_alive
 from tokenizer import GPT2_EOT, check_tokenizer_folder, file_sha256, gpt2_encoding, read_json
@@ -271,8 +271,7 @@ def export(init_from, out_dir, tokenizer_folder=None, dtype='float32', max_shard
     checkpoint = load_checkpoint(init_from)
     meta = checkpoint.get('meta')
     if not meta or meta.get('tokenizer') not in ('gpt2', 'char', 'hf'):
-        raise ExportError(f"{checkpoint_file(init_from)} holds no tokenizer description (meta), which the "
-                          f"folder's tokenizer is made from")
+        raise ExportError(missing_tokenizer(init_from))
     check_tokenizer_folder(meta, tokenizer_folder)
     out_dir = os.path.abspath(out_dir)
     tidy(out_dir)
